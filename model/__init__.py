@@ -1,0 +1,1 @@
+"""monet-cyclegan model layer: networks, weight files and the batched translator."""

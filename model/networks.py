@@ -1,0 +1,176 @@
+"""CycleGAN networks: the ResNet and U-Net generators and the 70x70 PatchGAN discriminator.
+
+Names and layer layout follow the reference CycleGAN code (junyanz/pytorch-CycleGAN-and-pix2pix)
+and the Kaggle "Monet CycleGAN tutorial", so parameter counts match theirs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GENERATOR_ARCHITECTURES = ("resnet", "unet")
+
+
+class ResnetBlock(nn.Module):
+    """Two reflection-padded 3x3 convolutions with instance norm, added to the input."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, bias=True),
+            nn.InstanceNorm2d(dim),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, bias=True),
+            nn.InstanceNorm2d(dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """The CycleGAN paper's generator: c7s1-ngf, d2ngf, d4ngf, n_blocks x R4ngf, u2ngf, ungf, c7s1-3.
+
+    Input height and width must be multiples of ``size_multiple`` (4); the translator pads for you.
+    """
+
+    architecture = "resnet"
+    size_multiple = 4
+
+    def __init__(self, input_nc: int = 3, output_nc: int = 3, ngf: int = 64, n_blocks: int = 9):
+        super().__init__()
+        self.settings = {"input_nc": input_nc, "output_nc": output_nc, "ngf": ngf, "n_blocks": n_blocks}
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(input_nc, ngf, 7, bias=True),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(True),
+        ]
+        for i in range(2):
+            mult = 2**i
+            layers += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=True),
+                nn.InstanceNorm2d(ngf * mult * 2),
+                nn.ReLU(True),
+            ]
+        layers += [ResnetBlock(ngf * 4) for _ in range(n_blocks)]
+        for i in range(2):
+            mult = 2 ** (2 - i)
+            layers += [
+                nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=True),
+                nn.InstanceNorm2d(ngf * mult // 2),
+                nn.ReLU(True),
+            ]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _down(in_ch: int, out_ch: int, norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1, bias=not norm)]
+    if norm:
+        layers.append(nn.InstanceNorm2d(out_ch, affine=True))
+    layers.append(nn.LeakyReLU(0.2, True))
+    return nn.Sequential(*layers)
+
+
+def _up(in_ch: int, out_ch: int, dropout: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),
+        nn.InstanceNorm2d(out_ch, affine=True),
+    ]
+    if dropout:
+        layers.append(nn.Dropout(0.5))
+    layers.append(nn.ReLU(True))
+    return nn.Sequential(*layers)
+
+
+class UnetGenerator(nn.Module):
+    """The Kaggle tutorial's U-Net: 8 stride-2 4x4 downsamplings, 7 upsamplings with skips.
+
+    Encoder widths 64,128,256,512,512,512,512,512 (no norm on the first; none on the 1x1
+    bottleneck either, where instance norm of a single pixel is undefined), decoder widths
+    512,512,512,512,256,128,64 with dropout 0.5 on the first three, tanh output.
+    Input height and width must be multiples of 256; the translator pads for you.
+    """
+
+    architecture = "unet"
+    size_multiple = 256
+
+    def __init__(self, input_nc: int = 3, output_nc: int = 3, ngf: int = 64):
+        super().__init__()
+        self.settings = {"input_nc": input_nc, "output_nc": output_nc, "ngf": ngf}
+        enc = [ngf, ngf * 2, ngf * 4] + [ngf * 8] * 5
+        self.down = nn.ModuleList(
+            _down(c_in, c_out, norm=0 < i < len(enc) - 1)
+            for i, (c_in, c_out) in enumerate(zip([input_nc] + enc[:-1], enc))
+        )
+        dec = [ngf * 8] * 4 + [ngf * 4, ngf * 2, ngf]
+        skips = enc[-2::-1]  # encoder outputs the decoder concatenates, deepest first
+        in_chs = [enc[-1]] + [d + s for d, s in zip(dec[:-1], skips[:-1])]
+        self.up = nn.ModuleList(_up(c_in, c_out, dropout=i < 3) for i, (c_in, c_out) in enumerate(zip(in_chs, dec)))
+        self.last = nn.Sequential(
+            nn.ConvTranspose2d(dec[-1] + skips[-1], output_nc, 4, stride=2, padding=1), nn.Tanh()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for down in self.down:
+            x = down(x)
+            skips.append(x)
+        for up, skip in zip(self.up, reversed(skips[:-1])):
+            x = torch.cat([up(x), skip], dim=1)
+        return self.last(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """The 70x70 PatchGAN: one real/fake logit per overlapping 70x70 patch (30x30 for 256x256)."""
+
+    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=True),
+                nn.InstanceNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
+    """Initialise as the reference does: conv weights N(0, gain), norm scales N(1, gain), biases 0."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.InstanceNorm2d) and m.affine:
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def build_generator(architecture: str = "resnet", **settings) -> nn.Module:
+    """Build a generator by name ("resnet" or "unet") with its settings (e.g. ngf, n_blocks).
+
+    Raises ValueError for an unknown architecture or setting.
+    """
+    classes = {"resnet": ResnetGenerator, "unet": UnetGenerator}
+    if architecture not in classes:
+        raise ValueError(f"unknown generator architecture {architecture!r}; expected one of {sorted(classes)}")
+    try:
+        return classes[architecture](**settings)
+    except TypeError as exc:
+        raise ValueError(f"bad settings for {architecture} generator: {settings} ({exc})") from None

@@ -1,0 +1,106 @@
+"""`python -m model.translate INPUT... --out DIR`: convert photos to Monet-style paintings offline.
+
+Inputs are image files and folders (searched recursively). Unreadable inputs are skipped with a
+warning and make the exit code 1 at the end. `--zip images.zip --format jpeg` writes a Kaggle-style
+submission archive as well.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from model.translator import DEFAULT_WEIGHTS, Translator
+from model.weights import WeightsError, atomic_write
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+FORMATS = {"png": ("PNG", ".png", {}), "jpeg": ("JPEG", ".jpg", {"quality": 95}), "webp": ("WEBP", ".webp", {"lossless": True})}
+
+
+def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(file, name relative to its input root) pairs in a stable order, and a list of problems."""
+    found, problems = [], []
+    for item in inputs:
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += [(p, p.relative_to(item)) for p in files]
+        elif item.is_file():
+            found.append((item, Path(item.name)))
+        else:
+            problems.append(f"{item}: no such file or folder")
+    return found, problems
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img.copy() if img.mode != "P" else img.convert("RGBA")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model.translate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders")
+    p.add_argument("--out", type=Path, required=True, help="folder for the paintings (created if missing)")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=f"generator weight file (default {DEFAULT_WEIGHTS})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--max-side", type=int, default=None, help="downscale inputs whose longer side exceeds this")
+    p.add_argument("--format", choices=sorted(FORMATS), default="png", help="output image format")
+    p.add_argument("--zip", type=Path, default=None, help="also pack all outputs into this zip archive")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or (args.max_side is not None and args.max_side < 1):
+        print("error: --batch-size and --max-side must be at least 1", file=sys.stderr)
+        return 2
+    if not Path(args.weights).exists() and Path(args.weights) == DEFAULT_WEIGHTS:
+        print(f"error: no default weights at {DEFAULT_WEIGHTS}; train one (python -m training.fit) "
+              "and pass it with --weights", file=sys.stderr)
+        return 2
+    try:
+        translator = Translator.from_file(args.weights, device=args.device, max_batch=args.batch_size)
+    except (WeightsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    files, problems = collect_inputs(args.inputs)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    pil_format, ext, save_kw = FORMATS[args.format]
+    args.out.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, str]] = []
+    from tqdm import tqdm
+
+    with tqdm(total=len(files), unit="img", disable=None) as bar:
+        for start in range(0, len(files), args.batch_size):
+            chunk, images = [], []
+            for path, rel in files[start : start + args.batch_size]:
+                try:
+                    images.append(_open(path))
+                    chunk.append(rel)
+                except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+                    problems.append(f"{path}: unreadable image ({exc})")
+                    tqdm.write(f"warning: skipping {path}: unreadable image", file=sys.stderr)
+            for rel, painting in zip(chunk, translator.translate(images, max_side=args.max_side)):
+                target = args.out / rel.with_suffix(ext)
+                atomic_write(target, lambda tmp: painting.save(tmp, pil_format, **save_kw))
+                written.append((target, rel.with_suffix(ext).as_posix()))
+            bar.update(len(files[start : start + args.batch_size]))
+    if args.zip is not None:
+        def pack(tmp):
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+                for target, name in written:
+                    zf.write(target, name)
+        atomic_write(args.zip, pack)
+    print(f"wrote {len(written)} image(s) to {args.out}" + (f" and {args.zip}" if args.zip else "")
+          + (f"; {len(problems)} input(s) skipped" if problems else ""))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

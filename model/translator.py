@@ -1,0 +1,142 @@
+"""Run a photo->Monet generator on batches of PIL images, on CUDA or CPU."""
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from model.images import fit_max_side, to_rgb
+from model.weights import GeneratorInfo, load_generator
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "photo2monet.safetensors"
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" picks CUDA when available, else CPU. Raises ValueError for an unusable device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` does bf16 arithmetic natively (Ampere+ GPUs; CPUs with AMX or AVX512-BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """"auto": bf16 on CUDA where supported (else fp16); on CPU bf16 where the CPU does it natively
+    (several times faster there, see benchmarks/bench_model.py), else fp32."""
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision in named:
+        return named[precision]
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if native_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class Translator:
+    """Turns photos into Monet-style paintings with one generator. Safe to call from many threads.
+
+    Images of the same size are run together in batches of at most ``max_batch``.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        info: GeneratorInfo | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        max_batch: int = 8,
+        warmup: bool = True,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = pick_dtype(self.device, precision)
+        self.info = info
+        self.max_batch = max(1, int(max_batch))
+        self.size_multiple = int(getattr(generator, "size_multiple", 4))
+        if self.device.type == "cpu":
+            # torch's default can exceed the cores this process may use (containers, taskset)
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        self.generator = generator.to(self.device, self.dtype, memory_format=torch.channels_last).eval()
+        self._lock = threading.Lock()
+        if warmup:
+            self.translate_arrays(np.zeros((1, 256, 256, 3), dtype=np.uint8))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike = DEFAULT_WEIGHTS, device: str = "auto", **kwargs) -> "Translator":
+        """Load a weight file (see model.weights) and prepare it on ``device``.
+
+        Raises WeightsError for an unusable file, ValueError for an unusable device.
+        """
+        generator, info = load_generator(path)
+        return cls(generator, info, device=device, **kwargs)
+
+    # -- public API -------------------------------------------------------------------------
+    def translate(self, images: list[Image.Image], max_side: int | None = None) -> list[Image.Image]:
+        """Translate each image; returns one RGB image per input, in order, each upright and the
+        same size as its (EXIF-rotated, ``max_side``-capped) input."""
+        prepared = [fit_max_side(to_rgb(img), max_side) for img in images]
+        arrays = [np.asarray(img, dtype=np.uint8) for img in prepared]
+        outputs: list[np.ndarray | None] = [None] * len(arrays)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, arr in enumerate(arrays):
+            groups[arr.shape[:2]].append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.max_batch):
+                chunk = indices[start : start + self.max_batch]
+                result = self.translate_arrays(np.stack([arrays[i] for i in chunk]))
+                for i, out in zip(chunk, result):
+                    outputs[i] = out
+        return [Image.fromarray(out, "RGB") for out in outputs]
+
+    def translate_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """Translate a uint8 array of shape (N, H, W, 3) of same-size RGB images; returns the same shape."""
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
+            y = self._forward(x.float().div_(127.5).sub_(1.0))
+            y = y.float().add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+            return y.permute(0, 2, 3, 1).cpu().numpy()
+
+    # -- internals --------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad to the generator's size multiple, run, crop back; split the batch on CUDA OOM."""
+        try:
+            return self._run(x)
+        except _OOM:
+            if x.shape[0] == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = x.shape[0] // 2
+            return torch.cat([self._forward(x[:half]), self._forward(x[half:])])
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = self.size_multiple
+        least = -(-16 // m) * m  # instance norm needs more than one pixel at the bottleneck
+        ph, pw = max((-h) % m, least - h), max((-w) % m, least - w)
+        top, left = ph // 2, pw // 2
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (left, pw - left, top, ph - top), mode=mode)
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        with self._lock, torch.inference_mode():
+            y = self.generator(x)  # one forward at a time: concurrent ones only fight over the cores
+        return y[..., top : top + h, left : left + w]

@@ -1,0 +1,54 @@
+"""Shared helpers: small generators saved to weight files, and images made on the spot."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.networks import ResnetGenerator, init_weights
+from model.weights import save_generator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_generator(seed: int = 0, ngf: int = 8, n_blocks: int = 1) -> ResnetGenerator:
+    torch.manual_seed(seed)
+    return init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks)).eval()
+
+
+@pytest.fixture
+def weights_file(tmp_path: Path) -> Path:
+    """A small random photo->Monet generator in the project's weight format."""
+    path = tmp_path / "small.safetensors"
+    save_generator(path, small_generator(), training={"note": "random init for tests"})
+    return path
+
+
+def photo(width: int = 64, height: int = 48, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth random image (gradients plus noise), like a tiny photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), (x + y) / max(width + height - 2, 1)], -1) * 200
+    arr = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def run_module(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` from the repository root, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from model.networks import PatchDiscriminator, ResnetGenerator, UnetGenerator, build_generator, init_weights
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_resnet_generator_matches_the_reference_size_and_shape():
+    g = ResnetGenerator()
+    assert count(g) == 11_378_179
+    with torch.no_grad():
+        assert g(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_resnet_generator_is_configurable():
+    assert count(ResnetGenerator(ngf=32, n_blocks=6)) < count(ResnetGenerator())
+    assert count(ResnetGenerator(ngf=64, n_blocks=12)) > count(ResnetGenerator())
+
+
+def test_patch_discriminator_size_and_30x30_output():
+    d = PatchDiscriminator()
+    assert count(d) == 2_764_737
+    with torch.no_grad():
+        assert d(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)
+
+
+def test_unet_generator_shape_and_output_range():
+    g = init_weights(UnetGenerator()).eval()
+    with torch.no_grad():
+        y = g(torch.rand(1, 3, 256, 256) * 2 - 1)
+    assert y.shape == (1, 3, 256, 256)
+    assert y.abs().max() <= 1.0
+    # 8 downsamplings, 7 upsamplings + the output layer
+    assert len(g.down) == 8 and len(g.up) == 7
+
+
+def test_init_weights_uses_small_normal():
+    g = init_weights(ResnetGenerator(ngf=8, n_blocks=1))
+    w = g.model[1].weight
+    assert abs(w.mean().item()) < 0.01 and 0.01 < w.std().item() < 0.03
+
+
+def test_build_generator_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown generator architecture"):
+        build_generator("transformer")
+    with pytest.raises(ValueError, match="bad settings"):
+        build_generator("resnet", depth=3)

@@ -1,0 +1,126 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.networks import UnetGenerator, init_weights
+from model.translator import Translator
+from tests.conftest import photo, small_generator
+
+
+@pytest.fixture(scope="module")
+def translator():
+    return Translator(small_generator(), device="cpu", precision="fp32", max_batch=4)
+
+
+def as_array(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (37, 23), (5, 301), (1, 1), (3, 2)])
+def test_output_has_the_input_size(translator, size):
+    (out,) = translator.translate([photo(*size)])
+    assert out.size == size and out.mode == "RGB"
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "I", "F", "YCbCr", "PA"])
+def test_every_mode_becomes_rgb_of_the_same_size(translator, mode):
+    src = photo(30, 22, mode="RGBA" if mode == "PA" else mode) if mode not in ("I;16", "I", "F") else None
+    if mode == "PA":
+        src = src.convert("PA")
+    if mode == "I;16":
+        src = Image.fromarray((np.arange(30 * 22, dtype=np.uint16).reshape(22, 30) * 90))
+    elif mode == "I":
+        src = Image.fromarray(np.arange(30 * 22, dtype=np.int32).reshape(22, 30) * 90, "I")
+    elif mode == "F":
+        src = Image.fromarray(np.linspace(0, 1, 30 * 22, dtype=np.float32).reshape(22, 30), "F")
+    (out,) = translator.translate([src])
+    assert out.size == (30, 22) and out.mode == "RGB"
+
+
+def test_sixteen_bit_greys_use_their_full_range(translator):
+    from model.images import to_rgb
+
+    ramp = Image.fromarray(np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8))
+    rgb = np.asarray(to_rgb(ramp))
+    assert rgb.min() == 0 and rgb.max() == 255 and len(np.unique(rgb)) > 32
+
+
+def test_transparent_pixels_are_painted_over_white():
+    from model.images import to_rgb
+
+    clear = Image.new("RGBA", (4, 4), (10, 200, 10, 0))
+    assert np.asarray(to_rgb(clear)).min() == 255
+
+
+def test_exif_orientation_is_applied(translator, tmp_path):
+    img = photo(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif)
+    with Image.open(path) as loaded:
+        (out,) = translator.translate([loaded])
+    assert out.size == (20, 40)
+
+
+def test_max_side_keeps_the_aspect_ratio(translator):
+    (out,) = translator.translate([photo(200, 100)], max_side=50)
+    assert out.size == (50, 25)
+    (small,) = translator.translate([photo(30, 20)], max_side=50)
+    assert small.size == (30, 20)
+
+
+def test_batched_output_equals_one_at_a_time(translator):
+    images = [photo(40, 32, seed=i) for i in range(5)] + [photo(24, 24, seed=9), photo(40, 32, seed=7)]
+    batched = translator.translate(images)
+    single = [translator.translate([img])[0] for img in images]
+    for b, s in zip(batched, single):
+        assert b.size == s.size
+        assert np.abs(as_array(b) - as_array(s)).max() <= 1
+
+
+def test_default_precision_stays_close_to_fp32():
+    g = small_generator(seed=5)
+    fast = Translator(g, device="cpu")
+    exact = Translator(small_generator(seed=5), device="cpu", precision="fp32")
+    images = [photo(64, 64, seed=i) for i in range(3)]
+    for a, b in zip(fast.translate(images), exact.translate(images)):
+        assert np.abs(as_array(a) - as_array(b)).mean() < 3.0
+
+
+def test_thread_safe(translator):
+    images = [photo(32, 32, seed=i) for i in range(8)]
+    expected = [as_array(o) for o in translator.translate(images)]
+    results = [None] * 8
+
+    def work(i):
+        results[i] = as_array(translator.translate([images[i]])[0])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r, e in zip(results, expected):
+        assert np.abs(r - e).max() <= 1
+
+
+def test_unet_pads_to_its_multiple_of_256():
+    torch.manual_seed(0)
+    t = Translator(init_weights(UnetGenerator(ngf=4)), device="cpu", precision="fp32", warmup=False)
+    assert t.size_multiple == 256
+    (out,) = t.translate([photo(70, 300)])
+    assert out.size == (70, 300)
+
+
+def test_from_file_and_device_errors(weights_file):
+    t = Translator.from_file(weights_file, device="cpu")
+    assert t.info.architecture == "resnet"
+    with pytest.raises(ValueError, match="device"):
+        Translator.from_file(weights_file, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Translator.from_file(weights_file, device="cuda")

@@ -1,0 +1,144 @@
+"""Unpaired image folders for CycleGAN training, with augmentation that depends only on (seed, epoch, index).
+
+Because every random choice of the data pipeline is a function of the step, a resumed run sees
+exactly the batches it would have seen without the interruption, with no loader state to save.
+"""
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+from model.images import to_rgb
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+class DataError(ValueError):
+    """A problem with the training folders that the user must fix; the message says what."""
+
+
+@dataclass
+class ImageSet:
+    """The readable images of one folder, and how many files were skipped as unreadable."""
+
+    root: Path
+    files: list[Path]
+    skipped: int
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode fully: a truncated file fails here, not mid-run
+            return img.size
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def scan_folder(folder: str | Path, role: str, min_side: int = 0) -> ImageSet:
+    """List the readable images under ``folder`` (recursively), decoding each once.
+
+    Raises DataError when the folder is missing, holds no readable image, or (with ``min_side``)
+    an image is smaller than the crop.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{role} folder {root} does not exist or is not a folder")
+    candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not candidates:
+        raise DataError(f"{role} folder {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        sizes = list(pool.map(_image_size, candidates))
+    files = [p for p, s in zip(candidates, sizes) if s is not None]
+    if not files:
+        raise DataError(f"{role} folder {root}: none of its {len(candidates)} image files could be read")
+    if min_side:
+        small = [(p, s) for p, s in zip(candidates, sizes) if s is not None and min(s) < min_side]
+        if small:
+            p, s = small[0]
+            raise DataError(
+                f"{len(small)} {role} image(s) are smaller than the {min_side}px crop (e.g. {p}, {s[0]}x{s[1]}); "
+                f"use a smaller --image-size or set --load-size to resize them"
+            )
+    return ImageSet(root, files, len(candidates) - len(files))
+
+
+def load_image(path: Path, load_size: int, crop: int, flip: bool, rng: random.Random) -> torch.Tensor:
+    """Decode, resize to load_size (0 keeps the size), random-crop ``crop``, maybe flip; CHW uint8."""
+    with Image.open(path) as img:
+        img = to_rgb(img)
+        if load_size and img.size != (load_size, load_size):
+            img = img.resize((load_size, load_size), Image.Resampling.BICUBIC)
+        w, h = img.size
+        left, top = rng.randint(0, w - crop), rng.randint(0, h - crop)
+        if (w, h) != (crop, crop):
+            img = img.crop((left, top, left + crop, top + crop))
+        if flip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class UnpairedDataset(Dataset):
+    """Item ``(epoch, i)`` is photo ``i`` and a painting drawn at random, both augmented.
+
+    Images come back as uint8 CHW tensors; the training step scales them to [-1, 1] on the device.
+    """
+
+    def __init__(self, photos: ImageSet, paintings: ImageSet, load_size: int, crop: int, flip: bool, seed: int):
+        self.photos, self.paintings = photos.files, paintings.files
+        self.load_size, self.crop, self.flip, self.seed = load_size, crop, flip, seed
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, i = key
+        rng = random.Random(f"{self.seed}/{epoch}/{i}")
+        painting = self.paintings[rng.randrange(len(self.paintings))]
+        photo = load_image(self.photos[i % len(self.photos)], self.load_size, self.crop, self.flip, rng)
+        monet = load_image(painting, self.load_size, self.crop, self.flip, rng)
+        return photo, monet
+
+
+class StepSampler(Sampler):
+    """Yields ``(epoch, index)`` keys for this rank from ``start_step`` on, ``batch_size`` per step.
+
+    Each epoch is a fresh permutation of the photos (seeded by seed and epoch), repeated as needed to
+    fill ``steps_per_epoch`` steps, split between ranks like DistributedSampler does.
+    """
+
+    def __init__(self, n: int, steps_per_epoch: int, batch_size: int, seed: int,
+                 start_step: int = 0, total_steps: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.steps_per_epoch, self.batch_size = n, steps_per_epoch, batch_size
+        self.seed, self.start_step, self.total_steps = seed, start_step, total_steps
+        self.rank, self.world_size = rank, world_size
+
+    def _epoch_keys(self, epoch: int) -> list[int]:
+        need = self.steps_per_epoch * self.batch_size * self.world_size
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order: list[int] = []
+        while len(order) < need:
+            order += torch.randperm(self.n, generator=g).tolist()
+        return order[:need][self.rank :: self.world_size]
+
+    def __iter__(self):
+        remaining, step = len(self), self.start_step
+        while remaining > 0:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            for i in self._epoch_keys(epoch)[offset * self.batch_size :]:
+                if remaining == 0:
+                    return
+                yield (epoch, i)
+                remaining -= 1
+            step = (epoch + 1) * self.steps_per_epoch
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.batch_size

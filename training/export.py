@@ -1,0 +1,55 @@
+"""`python -m training.export CHECKPOINT|RUN_DIR OUT.safetensors [--fp16]`: write the photo->Monet
+generator of a training checkpoint as a weight file the translator and the service load."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from model.networks import build_generator
+from model.weights import save_generator
+from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from training.config import TrainConfig
+
+
+def generator_settings(cfg: TrainConfig) -> dict:
+    return {"ngf": cfg.ngf} | ({"n_blocks": cfg.n_blocks} if cfg.generator == "resnet" else {})
+
+
+def training_summary(cfg: TrainConfig, state: dict) -> dict:
+    return {"preset": cfg.preset, "config": cfg.__dict__, "step": state["step"]} | state.get("summary", {})
+
+
+def export_checkpoint(checkpoint: Path, out: Path, fp16: bool = False) -> Path:
+    """Export the photo->Monet generator G of ``checkpoint`` (or of a run folder's latest) to ``out``."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = latest_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(state["config"])
+    generator = build_generator(cfg.generator, **generator_settings(cfg))
+    prefix = "G."
+    generator.load_state_dict({k[len(prefix):]: v for k, v in state["generators"].items() if k.startswith(prefix)})
+    save_generator(out, generator, training=training_summary(cfg, state), dtype=torch.float16 if fp16 else None)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__)
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint file, or a run folder (its latest checkpoint)")
+    parser.add_argument("out", type=Path, help="the .safetensors file to write")
+    parser.add_argument("--fp16", action="store_true", help="store tensors in float16 (half the size)")
+    args = parser.parse_args(argv)
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, fp16=args.fp16)
+    except (CheckpointError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
