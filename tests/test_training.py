@@ -1,0 +1,214 @@
+"""training.fit, training.export and training.evaluate on tiny images, as a user runs them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from model.translator import Translator
+from tests.conftest import ROOT, photo, run_module
+
+SMALL = ["--ngf", "8", "--n-blocks", "1", "--ndf", "8", "--num-workers", "0", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "photos").mkdir()
+    (root / "paintings").mkdir()
+    for i in range(6):
+        photo(40, 40, seed=i).save(root / "photos" / f"p{i}.jpg")
+        photo(40, 40, seed=100 + i).convert("L").convert("RGB").save(root / "paintings" / f"m{i}.png")
+    return root
+
+
+def fit(folders, out, *extra, timeout=300):
+    return run_module("training.fit", "--photos", str(folders / "photos"), "--paintings", str(folders / "paintings"),
+                      "--out", str(out), *extra, timeout=timeout)
+
+
+def test_cyclegan_preset_trains_checkpoints_and_exports(folders, tmp_path):
+    out = tmp_path / "run"
+    r = fit(folders, out, "--preset", "cyclegan", *SMALL, "--load-size", "36", "--image-size", "32",
+            "--steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "1")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "cyclegan" and cfg["gan_loss"] == "lsgan" and cfg["pool_size"] == 50
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004.pt"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 4] and all(m["images_per_s"] > 0 for m in lines)
+    assert list((out / "samples").glob("*.png"))
+    translator = Translator.from_file(out / "photo2monet.safetensors", device="cpu")
+    assert translator.info.training["preset"] == "cyclegan" and translator.info.training["step"] == 4
+    (painting,) = translator.translate([photo(50, 30)])
+    assert painting.size == (50, 30)
+
+
+def test_kaggle_preset_uses_the_unet_and_bce(folders, tmp_path):
+    big = tmp_path / "big"
+    for sub in ("photos", "paintings"):
+        (big / sub).mkdir(parents=True)
+        for i in range(2):
+            photo(256, 256, seed=i).save(big / sub / f"{i}.jpg")
+    out = tmp_path / "run"
+    r = fit(big, out, "--preset", "kaggle", "--ngf", "4", "--ndf", "4", "--num-workers", "0", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["generator"] == "unet" and cfg["gan_loss"] == "bce" and cfg["pool_size"] == 0
+    assert Translator.from_file(out / "photo2monet.safetensors", device="cpu").info.architecture == "unet"
+
+
+def test_cpu_preset_runs(folders, tmp_path):
+    r = fit(folders, tmp_path / "run", "--preset", "cpu", *SMALL, "--image-size", "32", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["preset"] == "cpu" and cfg["batch_size"] == 4
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(folders, tmp_path):
+    args = ["--preset", "cyclegan", *SMALL, "--load-size", "36", "--image-size", "32", "--steps", "6",
+            "--batch-size", "2", "--seed", "7"]
+    assert fit(folders, tmp_path / "straight", *args).returncode == 0
+    r = fit(folders, tmp_path / "split", *args, "--stop-at-step", "3")
+    assert r.returncode == 0 and "--resume" in r.stdout
+    assert not (tmp_path / "split" / "photo2monet.safetensors").exists()
+    r = fit(folders, tmp_path / "split", "--resume")
+    assert r.returncode == 0, r.stderr
+    a = load_file(tmp_path / "straight" / "photo2monet.safetensors")
+    b = load_file(tmp_path / "split" / "photo2monet.safetensors")
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a), "resumed run differs from the straight run"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(folders, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.fit", "--photos", str(folders / "photos"), "--paintings",
+           str(folders / "paintings"), "--out", str(out), "--preset", "cyclegan", *SMALL, "--load-size", "36",
+           "--image-size", "32", "--steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "interrupted at step" in stdout and "Traceback" not in stderr
+    step = int(stdout.split("interrupted at step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step_{step:08d}.pt").exists()
+
+
+def test_torchrun_ddp_on_two_cpu_processes_keeps_ranks_identical(folders, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "training.fit", "--photos", str(folders / "photos"), "--paintings", str(folders / "paintings"),
+           "--out", str(out), "--device", "cpu", "--preset", "cyclegan", *SMALL, "--load-size", "36",
+           "--image-size", "32", "--steps", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "ddp_check.json").read_text())
+    assert report["world_size"] == 2 and report["ranks_identical"] is True
+    assert (out / "photo2monet.safetensors").exists()
+    assert r.stdout.count("done:") == 1  # rank 0 alone reports and writes
+
+
+def test_export_command(folders, tmp_path):
+    out = tmp_path / "run"
+    assert fit(folders, out, "--preset", "cpu", *SMALL, "--image-size", "32", "--steps", "2", "--no-export").returncode == 0
+    assert not (out / "photo2monet.safetensors").exists()
+    r = run_module("training.export", str(out), str(tmp_path / "g.safetensors"), "--fp16")
+    assert r.returncode == 0, r.stderr
+    t = Translator.from_file(tmp_path / "g.safetensors", device="cpu")
+    assert t.info.stored_dtype == "float16"
+    r = run_module("training.export", str(tmp_path / "nothing"), str(tmp_path / "x.safetensors"))
+    assert r.returncode == 1 and "not found" in r.stderr
+
+
+# -- bad input: one line, non-zero exit, nothing destroyed ---------------------------------------
+
+
+def one_line_failure(r):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    return r.stderr
+
+
+def test_missing_empty_and_imageless_folders(folders, tmp_path):
+    r = run_module("training.fit", "--photos", str(tmp_path / "nope"), "--paintings", str(folders / "paintings"),
+                   "--out", str(tmp_path / "o"))
+    assert "does not exist" in one_line_failure(r)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("hi")
+    for name in ("empty", "text"):
+        r = run_module("training.fit", "--photos", str(folders / "photos"), "--paintings", str(tmp_path / name),
+                       "--out", str(tmp_path / "o"))
+        assert "holds no image files" in one_line_failure(r)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    r = run_module("training.fit", "--photos", str(tmp_path / "broken"), "--paintings", str(folders / "paintings"),
+                   "--out", str(tmp_path / "o"))
+    assert "could be read" in one_line_failure(r)
+
+
+def test_unreadable_and_truncated_files_are_skipped_with_a_count(folders, tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i in range(3):
+        photo(40, 40, seed=i).save(mixed / f"{i}.jpg")
+    data = (mixed / "0.jpg").read_bytes()
+    (mixed / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (mixed / "garbage.png").write_bytes(b"not a png")
+    r = run_module("training.fit", "--photos", str(mixed), "--paintings", str(folders / "paintings"),
+                   "--out", str(tmp_path / "run"), "--preset", "cpu", *SMALL, "--image-size", "32", "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert "photos: 3 (2 unreadable skipped)" in r.stdout
+
+
+def test_images_smaller_than_the_crop(folders, tmp_path):
+    r = fit(folders, tmp_path / "o", "--preset", "cpu", "--image-size", "64")
+    assert "smaller than the 64px crop" in one_line_failure(r)
+
+
+def test_out_holding_another_run_is_not_touched(folders, tmp_path):
+    out = tmp_path / "run"
+    assert fit(folders, out, "--preset", "cpu", *SMALL, "--image-size", "32", "--steps", "2").returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    r = fit(folders, out, "--preset", "cpu", *SMALL, "--image-size", "32", "--steps", "2")
+    assert "already holds a run" in one_line_failure(r)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_corrupt_checkpoint_on_resume(folders, tmp_path):
+    out = tmp_path / "run"
+    assert fit(folders, out, "--preset", "cpu", *SMALL, "--image-size", "32", "--steps", "4",
+               "--stop-at-step", "2").returncode == 0
+    (ckpt,) = (out / "checkpoints").iterdir()
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    r = fit(folders, out, "--resume")
+    assert "corrupt" in one_line_failure(r)
+    assert ckpt.exists() and (out / "config.json").exists()
+    r = fit(folders, tmp_path / "fresh", "--resume")
+    assert "nothing to resume" in one_line_failure(r)
+
+
+def test_evaluate_scores_a_set_against_itself_as_zero(folders, tmp_path, weights_file):
+    r = run_module("training.evaluate", "--photos", str(folders / "photos"), "--paintings", str(folders / "photos"),
+                   "--json", "--kid-subsets", "10")
+    assert r.returncode == 0, r.stderr
+    same = json.loads(r.stdout)
+    # FID is ~0; unbiased KID of a set against itself is slightly negative for tiny sets (self-pairs)
+    assert abs(same["fid"]) < 1e-2 and same["kid_mean"] < 1e-3
+    assert same["memorization_distance"] < 1e-4  # every image is its own nearest painting
+    r = run_module("training.evaluate", "--weights", str(weights_file), "--photos", str(folders / "photos"),
+                   "--paintings", str(folders / "paintings"), "--json", "--kid-subsets", "10")
+    assert r.returncode == 0, r.stderr
+    other = json.loads(r.stdout)
+    assert other["fid"] > 1.0 and other["kid_mean"] > same["kid_mean"] and other["n_generated"] == 6 and other["weights"].endswith("small.safetensors")
+    r = run_module("training.evaluate", "--photos", str(tmp_path / "none"), "--paintings", str(folders / "photos"))
+    assert "does not exist" in one_line_failure(r)

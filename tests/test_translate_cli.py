@@ -1,0 +1,53 @@
+import zipfile
+
+from PIL import Image
+
+from tests.conftest import photo, run_module
+
+
+def make_inputs(folder):
+    (folder / "sub").mkdir(parents=True)
+    photo(40, 30, seed=1).save(folder / "a.jpg")
+    photo(33, 21, seed=2).save(folder / "sub" / "b.png")
+    photo(40, 30, seed=3, mode="RGBA").save(folder / "c.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+
+
+def test_converts_a_folder_keeps_sizes_and_reports_skips(tmp_path, weights_file):
+    make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    result = run_module("model.translate", str(tmp_path / "in"), "--out", str(out), "--weights", str(weights_file),
+                        "--batch-size", "2")
+    assert result.returncode == 1, result.stderr  # one unreadable input
+    assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.png", "c.png", "sub/b.png"]
+    with Image.open(out / "sub" / "b.png") as img:
+        assert img.size == (33, 21)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_kaggle_zip_of_jpegs(tmp_path, weights_file):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        photo(32, 32, seed=i).save(src / f"{i}.jpg")
+    archive = tmp_path / "images.zip"
+    result = run_module("model.translate", str(src), "--out", str(tmp_path / "out"), "--weights", str(weights_file),
+                        "--format", "jpeg", "--zip", str(archive), "--max-side", "16")
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == ["0.jpg", "1.jpg", "2.jpg"]
+        with zf.open("0.jpg") as f, Image.open(f) as img:
+            assert img.format == "JPEG" and img.size == (16, 16)
+
+
+def test_bad_weights_and_missing_inputs_give_one_line_errors(tmp_path, weights_file):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nonsense")
+    result = run_module("model.translate", str(tmp_path), "--out", str(tmp_path / "o"), "--weights", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "bad.safetensors" in result.stderr
+    result = run_module("model.translate", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+                        "--weights", str(weights_file))
+    assert result.returncode == 1 and "no such file or folder" in result.stderr
