@@ -72,7 +72,7 @@ class Translator:
         self.info = info
         self.max_batch = max(1, int(max_batch))
         self.size_multiple = int(getattr(generator, "size_multiple", 4))
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # torch's default can exceed the cores this process may use (containers, taskset)
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
         self.generator = generator.to(self.device, self.dtype, memory_format=torch.channels_last).eval()

@@ -1,0 +1,1 @@
+"""monet-cyclegan web service."""

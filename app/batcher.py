@@ -1,0 +1,150 @@
+"""The dynamic batcher between the routes (REST and UI) and the translator.
+
+Requests wait in one bounded queue. A worker takes the first waiting request, then gathers more
+until it has ``max_batch`` or ``max_wait`` has passed, drops those whose deadline passed or whose
+client went away, and runs same-size images as one forward pass in a worker thread, so the event
+loop keeps accepting requests meanwhile. Results go back to their own requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from model.translator import Translator
+
+
+class QueueFull(RuntimeError):
+    """The queue holds ``queue_size`` requests already; try again shortly."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request's deadline passed before its turn came."""
+
+
+@dataclass
+class Timing:
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+@dataclass
+class _Job:
+    image: np.ndarray
+    deadline: float
+    gone: Callable[[], Awaitable[bool]] | None
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Gathers concurrent requests into batches for one Translator. Start and stop it in the app's lifespan."""
+
+    def __init__(self, translator: Translator, max_batch: int, max_wait_s: float, queue_size: int, metrics=None):
+        self.translator, self.max_batch, self.max_wait_s = translator, max_batch, max_wait_s
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self.metrics = metrics
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(QueueFull("the service is shutting down"))
+
+    async def submit(self, image: np.ndarray, timeout_s: float,
+                     gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[np.ndarray, Timing]:
+        """Queue one RGB uint8 image; returns the painting and its timings.
+
+        Raises QueueFull at once when the queue is full, DeadlineExceeded after ``timeout_s``.
+        """
+        loop = asyncio.get_running_loop()
+        job = _Job(image, time.perf_counter() + timeout_s, gone, loop.create_future())
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self.queue.maxsize} requests are already waiting") from None
+        self._depth()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
+        except asyncio.TimeoutError:
+            job.future.cancel()
+            raise DeadlineExceeded(f"no result within {timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            job.future.cancel()  # the caller went away: the worker will skip this job
+            raise
+
+    def _depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.queue.qsize())
+
+    async def _gather(self) -> list[_Job]:
+        batch = [await self.queue.get()]
+        until = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            left = until - time.perf_counter()
+            if left <= 0:
+                while len(batch) < self.max_batch and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        self._depth()
+        return batch
+
+    async def _live(self, jobs: list[_Job]) -> list[_Job]:
+        """Drop jobs that nobody waits for any more, before spending compute on them."""
+        now, keep = time.perf_counter(), []
+        for job in jobs:
+            if job.future.done():
+                continue
+            if now > job.deadline:
+                job.future.set_exception(DeadlineExceeded("the deadline passed while queued"))
+                continue
+            if job.gone is not None and await job.gone():
+                job.future.cancel()
+                continue
+            keep.append(job)
+        return keep
+
+    async def _run(self) -> None:
+        while True:
+            jobs = await self._live(await self._gather())
+            groups: dict[tuple, list[_Job]] = defaultdict(list)
+            for job in jobs:
+                groups[job.image.shape].append(job)
+            for group in groups.values():
+                started = time.perf_counter()
+                try:
+                    out = await asyncio.to_thread(self.translator.translate_arrays, np.stack([j.image for j in group]))
+                except Exception as exc:  # keep serving: this batch fails, the next one runs
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                compute_ms = (time.perf_counter() - started) * 1000
+                if self.metrics is not None:
+                    self.metrics.batch_size.observe(len(group))
+                    self.metrics.compute_seconds.observe(compute_ms / 1000)
+                for job, result in zip(group, out):
+                    queue_ms = (started - job.enqueued) * 1000
+                    if self.metrics is not None:
+                        self.metrics.queue_seconds.observe(queue_ms / 1000)
+                    if not job.future.done():
+                        job.future.set_result((result, Timing(queue_ms, compute_ms, len(group))))

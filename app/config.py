@@ -1,0 +1,29 @@
+"""The service's one settings object: every field also comes from a MONET_* environment variable."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.translator import DEFAULT_WEIGHTS
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MONET_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    weights: Path = DEFAULT_WEIGHTS
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass (1 turns batching off)")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits to fill up")
+    queue_size: int = Field(64, ge=1, description="requests waiting for the model before 503s")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request, queueing included (504 after)")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
+    max_side: int = Field(1024, ge=16, description="larger uploads are downscaled to this longer side")
+    default_format: Literal["png", "jpeg", "webp"] = "png"
+    ui: bool = Field(True, description="mount the Gradio UI at /ui")

@@ -1,0 +1,40 @@
+"""`create_app(settings)`: the FastAPI app with its routes, metrics, access logs and the Gradio UI."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app.config import Settings
+from app.observability import Metrics, ObservabilityMiddleware
+from app.routes import router
+from app.service import PaintingService, ServiceError
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics(settings.max_batch_size)
+    service = PaintingService(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="monet-cyclegan", version="0.1.0", lifespan=lifespan,
+                  description="Turn photos into paintings in Claude Monet's style. POST an image to /translate.")
+    app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
+    app.include_router(router)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    if settings.ui:
+        from app.ui import mount_ui
+
+        app = mount_ui(app, service)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,67 @@
+"""Prometheus metrics (one registry per app) and structured JSON access logs."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("monet.access")
+
+
+class Metrics:
+    def __init__(self, max_batch: int):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("monet_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        ms = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.queue_seconds = Histogram("monet_queue_seconds", "time a request waited for its batch", buckets=ms,
+                                       registry=self.registry)
+        self.compute_seconds = Histogram("monet_compute_seconds", "forward pass time per batch", buckets=ms,
+                                         registry=self.registry)
+        sizes = sorted({1, 2, 4, 8, 16, 32, 64, max_batch})
+        self.batch_size = Histogram("monet_batch_size", "images per forward pass", buckets=sizes,
+                                    registry=self.registry)
+        self.queue_depth = Gauge("monet_queue_depth", "requests waiting for the model", registry=self.registry)
+
+
+def route_label(scope: Scope) -> str:
+    """A bounded label: the matched route's template, '/ui' for the whole UI, else 'unmatched'."""
+    path = scope.get("path", "")
+    if path == "/ui" or path.startswith("/ui/"):
+        return "/ui"
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+class ObservabilityMiddleware:
+    """Counts every response by route and status and writes one JSON access-log line per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = route_label(scope)
+            self.metrics.requests.labels(route, str(status)).inc()
+            if route != "/ui":
+                access_log.info(json.dumps({
+                    "method": scope.get("method"), "path": scope.get("path"), "route": route, "status": status,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                    "client": (scope.get("client") or ["?"])[0],
+                }))

@@ -1,0 +1,86 @@
+"""HTTP routes: parse, call the service, encode. Nothing else lives here."""
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.imaging import negotiate
+from app.service import PaintingService, ServiceError
+from app.uploads import image_bytes
+
+router = APIRouter()
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                               "properties": {"image": {"type": "string", "format": "binary"}}}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+ERRORS = {code: {"description": text, "content": {"application/json": {"example": {"detail": text}}}} for code, text in {
+    400: "not an image, or damaged", 406: "no acceptable output format", 413: "body or image too large",
+    415: "unsupported content type or image format", 422: "bad parameters", 503: "busy or loading (see Retry-After)",
+    504: "deadline passed before the request's turn"}.items()}
+
+
+def service_of(request: Request) -> PaintingService:
+    return request.app.state.service
+
+
+@router.post("/translate", response_class=Response, openapi_extra=IMAGE_BODY,
+             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+                              "description": "the Monet-style painting, same size and orientation as the upload"},
+                        **ERRORS})
+async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | None = Query(
+        None, description="output format; otherwise chosen from the Accept header (default png)")) -> Response:
+    """Paint the uploaded photo in Monet's style (multipart field `image`, or a raw image/* body)."""
+    service = service_of(request)
+    fmt = negotiate(format, request.headers.get("accept"), service.settings.default_format)
+    if fmt is None:
+        raise ServiceError(406, "none of the Accept header's types can be produced; accept image/png, image/jpeg or image/webp")
+    data = await image_bytes(request, service.settings.max_upload_bytes)
+    painting = await service.paint(data, fmt, gone=request.is_disconnected)
+    t = painting.timing
+    return Response(painting.data, media_type=painting.media_type, headers={
+        "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),
+        "Server-Timing": f"queue;dur={t.queue_ms:.1f}, compute;dur={t.compute_ms:.1f}"})
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "weights not loaded or not warmed up yet"}})
+async def readyz(request: Request):
+    """The weights are loaded and warmed up."""
+    service = service_of(request)
+    if service.ready:
+        return {"status": "ready"}
+    return JSONResponse({"detail": service.load_error or "loading"}, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/info")
+async def info(request: Request) -> dict:
+    """Model metadata, device and batching settings."""
+    return service_of(request).info()
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def root(request: Request) -> RedirectResponse:
+    return RedirectResponse("/ui/" if service_of(request).settings.ui else "/docs")

@@ -1,0 +1,104 @@
+"""The service layer: the model's lifecycle, and one `paint` call shared by REST and the UI."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from app.batcher import Batcher, DeadlineExceeded, QueueFull, Timing
+from app.config import Settings
+from app.imaging import FORMATS, ImageRejected, decode_upload, encode
+from app.observability import Metrics
+from model.translator import Translator
+
+log = logging.getLogger("monet.service")
+
+
+class ServiceError(Exception):
+    """An error with its HTTP status, a `detail` for the client, and optional headers."""
+
+    def __init__(self, status: int, detail: str, headers: dict | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+@dataclass
+class Painting:
+    data: bytes
+    media_type: str
+    timing: Timing
+    source: np.ndarray  # the upright RGB input the painting was made from
+
+
+class PaintingService:
+    """Owns the translator and the batcher. Loads the model in the background at start-up."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.translator: Translator | None = None
+        self.batcher: Batcher | None = None
+        self.load_error: str | None = None
+        self._loading: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None
+
+    async def start(self) -> None:
+        self._loading = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        s = self.settings
+        try:
+            self.translator = await asyncio.to_thread(
+                Translator.from_file, s.weights, device=s.device, precision=s.precision, max_batch=s.max_batch_size)
+        except Exception as exc:  # surfaced by /readyz and 503s, the process stays up for probes
+            self.load_error = str(exc)
+            log.error("model not loaded: %s", exc)
+            return
+        batcher = Batcher(self.translator, s.max_batch_size, s.max_batch_wait_ms / 1000, s.queue_size, self.metrics)
+        batcher.start()
+        self.batcher = batcher
+        log.info("model ready: %s on %s (%s)", s.weights, self.translator.device, self.translator.dtype)
+
+    async def stop(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    def info(self) -> dict:
+        s = self.settings
+        t = self.translator
+        return {
+            "ready": self.ready,
+            "load_error": self.load_error,
+            "model": t.info.as_dict() if t is not None and t.info is not None else None,
+            "device": str(t.device) if t is not None else None,
+            "dtype": str(t.dtype).removeprefix("torch.") if t is not None else None,
+            "batching": {"max_batch_size": s.max_batch_size, "max_batch_wait_ms": s.max_batch_wait_ms,
+                         "queue_size": s.queue_size, "request_timeout_s": s.request_timeout_s},
+            "limits": {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side},
+        }
+
+    async def paint(self, data: bytes, fmt: str, gone=None) -> Painting:
+        """Decode ``data``, translate it through the batcher, encode as ``fmt``. Raises ServiceError."""
+        if self.batcher is None:
+            detail = f"the model is not loaded: {self.load_error}" if self.load_error else "the model is still loading"
+            raise ServiceError(503, detail, {"Retry-After": "5"})
+        s = self.settings
+        try:
+            image: np.ndarray = await run_in_threadpool(decode_upload, data, s.max_pixels, s.max_side)
+        except ImageRejected as exc:
+            raise ServiceError(exc.status, exc.detail) from None
+        try:
+            result, timing = await self.batcher.submit(image, s.request_timeout_s, gone)
+        except QueueFull as exc:
+            raise ServiceError(503, f"the service is busy ({exc}); retry shortly", {"Retry-After": "1"}) from None
+        except DeadlineExceeded as exc:
+            raise ServiceError(504, f"the request timed out before its turn ({exc})") from None
+        body = await run_in_threadpool(encode, result, fmt)
+        return Painting(body, FORMATS[fmt][1], timing, image)

@@ -1,0 +1,175 @@
+"""POST /translate and the operations endpoints, in process (TestClient runs the lifespan)."""
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.config import Settings
+from app.main import create_app
+from tests.conftest import encode, photo
+
+
+def wait_ready(client: TestClient) -> None:
+    deadline = time.time() + 60
+    while client.get("/readyz").status_code != 200:
+        assert time.time() < deadline, client.get("/readyz").json()
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from model.weights import save_generator
+    from tests.conftest import small_generator
+
+    weights = tmp_path_factory.mktemp("w") / "g.safetensors"
+    save_generator(weights, small_generator())
+    settings = Settings(weights=weights, device="cpu", max_upload_bytes=300_000, max_pixels=1_000_000,
+                        max_side=512, ui=False)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        yield c
+
+
+def decoded(response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    return Image.open(io.BytesIO(response.content))
+
+
+def error(response, status: int) -> str:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    return response.json()["detail"]
+
+
+def test_multipart_and_raw_uploads(client):
+    data = encode(photo(70, 50))
+    out = decoded(client.post("/translate", files={"image": ("p.jpg", data, "image/jpeg")}))
+    assert out.format == "PNG" and out.size == (70, 50)
+    raw = client.post("/translate", content=data, headers={"content-type": "image/jpeg"})
+    assert decoded(raw).size == (70, 50)
+    for header in ("x-queue-ms", "x-compute-ms", "x-batch-size", "server-timing"):
+        assert header in raw.headers
+
+
+def test_format_negotiation(client):
+    data = encode(photo(32, 32))
+    post = lambda **kw: client.post("/translate", content=data, headers={"content-type": "image/jpeg", **kw.pop("h", {})}, **kw)
+    assert decoded(post(params={"format": "jpeg"})).format == "JPEG"
+    assert decoded(post(h={"accept": "image/webp"})).format == "WEBP"
+    assert decoded(post(h={"accept": "image/jpeg;q=0.5, image/webp;q=0.9"})).format == "WEBP"
+    assert decoded(post(h={"accept": "*/*"})).format == "PNG"
+    assert post(params={"format": "png"}, h={"accept": "image/jpeg"}).headers["content-type"] == "image/png"
+    assert "Accept" in error(post(h={"accept": "application/json"}), 406)
+    error(post(params={"format": "gif"}), 422)
+
+
+def test_images_of_every_kind_keep_size_and_orientation(client):
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees counter-clockwise to display
+    cases = {
+        "cmyk.jpg": (encode(photo(40, 30, mode="CMYK"), "JPEG"), (40, 30)),
+        "rgba.png": (encode(photo(40, 30, mode="RGBA"), "PNG"), (40, 30)),
+        "grey16.png": (encode(Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)), "PNG"), (40, 30)),
+        "palette.gif": (encode(photo(40, 30, mode="P"), "GIF"), (40, 30)),
+        "rotated.jpg": (encode(photo(40, 30), "JPEG", exif=exif), (30, 40)),
+        "odd.webp": (encode(photo(33, 17), "WEBP"), (33, 17)),
+    }
+    for name, (data, size) in cases.items():
+        out = decoded(client.post("/translate", files={"image": (name, data, "application/octet-stream")}))
+        assert out.size == size, name
+
+
+def test_large_images_are_capped_at_max_side(client):
+    out = decoded(client.post("/translate", content=encode(photo(900, 300)), headers={"content-type": "image/jpeg"}))
+    assert out.size == (512, 171)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels: a decompression bomb's header, no pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_refused_from_the_header(client):
+    for w, h in ((2000, 2000), (100_000, 100_000)):
+        detail = error(client.post("/translate", content=png_header_only(w, h), headers={"content-type": "image/png"}), 413)
+        assert "pixels" in detail
+    # a real, highly compressible image over the pixel limit
+    bomb = encode(Image.new("L", (1500, 1000)), "PNG", optimize=True)
+    assert len(bomb) < 300_000
+    error(client.post("/translate", files={"image": ("bomb.png", bomb, "image/png")}), 413)
+
+
+def test_bad_bodies(client):
+    jpeg = encode(photo(64, 64))
+    assert "truncated" in error(client.post("/translate", content=jpeg[: len(jpeg) // 2],
+                                            headers={"content-type": "image/jpeg"}), 400)
+    assert "empty" in error(client.post("/translate", content=b"", headers={"content-type": "image/jpeg"}), 400)
+    assert "not an image" in error(client.post("/translate", files={"image": ("a.txt", b"hello world", "text/plain")}), 400)
+    error(client.post("/translate", content=b"hello", headers={"content-type": "text/plain"}), 415)
+    error(client.post("/translate", content=b"hello"), 415)
+    assert "'image'" in error(client.post("/translate", files={"photo": ("a.jpg", jpeg, "image/jpeg")}), 422)
+    text_field = client.post("/translate", data={"image": "not a file"}, files={"other": ("o.jpg", jpeg, "image/jpeg")})
+    assert "'image'" in error(text_field, 422)
+    broken = client.post("/translate", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"})
+    assert broken.status_code in (400, 422) and broken.json()["detail"]
+    error(client.post("/translate", content=b"abc", headers={"content-type": "multipart/form-data"}), 400)
+    assert "PCX" in error(client.post("/translate", content=encode(photo(8, 8), "PCX"), headers={"content-type": "image/x-pcx"}), 415)
+
+
+def test_oversized_bodies_get_413(client):
+    big = b"\xff\xd8" + b"\x00" * 400_000
+    assert "limit" in error(client.post("/translate", content=big, headers={"content-type": "image/jpeg"}), 413)
+
+    def chunks():  # no Content-Length: the limit is enforced while streaming
+        for _ in range(50):
+            yield b"\x00" * 10_000
+
+    error(client.post("/translate", content=chunks(), headers={"content-type": "image/jpeg"}), 413)
+    error(client.post("/translate", files={"image": ("big.jpg", big, "image/jpeg")}), 413)
+
+
+def test_the_next_request_after_bad_ones_still_works(client):
+    client.post("/translate", content=b"junk", headers={"content-type": "image/png"})
+    assert decoded(client.post("/translate", content=encode(photo(20, 20)), headers={"content-type": "image/jpeg"})).size == (20, 20)
+
+
+def test_operations_endpoints(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    info = client.get("/info").json()
+    assert info["model"]["architecture"] == "resnet" and info["device"] == "cpu"
+    assert info["batching"]["max_batch_size"] == 8
+    metrics = client.get("/metrics").text
+    for name in ("monet_requests_total", "monet_queue_seconds", "monet_compute_seconds", "monet_batch_size",
+                 "monet_queue_depth"):
+        assert name in metrics
+    assert 'route="/translate",status="200"' in metrics
+    assert client.get("/docs").status_code == 200
+    assert "/translate" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/nope").json() == {"detail": "Not Found"}
+
+
+def test_readyz_is_503_while_the_weights_are_unusable(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    with TestClient(create_app(Settings(weights=bad, ui=False))) as c:
+        time.sleep(0.3)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "bad.safetensors" in r.json()["detail"]
+        r = c.post("/translate", content=encode(photo(8, 8)), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MONET_MAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("MONET_DEVICE", "cpu")
+    s = Settings()
+    assert s.max_batch_size == 3 and s.device == "cpu" and s.port == 8000 and s.host == "127.0.0.1"
