@@ -1,0 +1,102 @@
+"""The real server (`python -m app` under uvicorn) on a loopback port: batching, overload, deadlines, Gradio client."""
+import io
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from model.weights import save_generator
+from tests.conftest import Server, encode, photo, small_generator
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("server") / "g.safetensors"
+    save_generator(path, small_generator(ngf=16, n_blocks=2))
+    return path
+
+
+@pytest.fixture
+def server(request, weights):
+    srv = Server(weights, **getattr(request, "param", {})).wait_ready()
+    yield srv
+    srv.stop()
+
+
+def post_many(url: str, bodies: list[bytes], workers: int) -> list[httpx.Response]:
+    def one(body):
+        return httpx.post(url + "/translate", content=body, headers={"content-type": "image/jpeg"}, timeout=60)
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, bodies))
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.parametrize("server", [{"max_batch_size": 8, "max_batch_wait_ms": 50, "ui": "false"}], indirect=True)
+def test_concurrent_requests_are_batched(server):
+    bodies = [encode(photo(64, 48, seed=i)) for i in range(16)]
+    responses = post_many(server.url, bodies, workers=16)
+    assert [r.status_code for r in responses] == [200] * 16
+    assert all(Image.open(io.BytesIO(r.content)).size == (64, 48) for r in responses)
+    text = httpx.get(server.url + "/metrics").text
+    batches = metric(text, "monet_batch_size_count")
+    singles = metric(text, 'monet_batch_size_bucket{le="1.0"}')
+    images = metric(text, "monet_batch_size_sum")
+    assert images >= 16 and batches < images, text  # fewer forward passes than images
+    assert batches > singles, "no batch held more than one image"
+    assert max(int(r.headers["x-batch-size"]) for r in responses) > 1
+
+
+@pytest.mark.parametrize("server", [{"max_batch_size": 1, "queue_size": 1, "ui": "false"}], indirect=True)
+def test_overload_gets_503_with_retry_after_and_the_server_recovers(server):
+    body = encode(photo(768, 768, seed=1))
+    responses = post_many(server.url, [body] * 24, workers=24)
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    ok = post_many(server.url, [encode(photo(32, 32))], workers=1)[0]
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("server", [{"max_batch_size": 1, "request_timeout_s": 0.15, "ui": "false"}], indirect=True)
+def test_a_request_past_its_deadline_gets_504(server):
+    body = encode(photo(1024, 768, seed=2))
+    responses = post_many(server.url, [body] * 8, workers=8)
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 504} and 504 in codes, codes
+    late = next(r for r in responses if r.status_code == 504)
+    assert "timed out" in late.json()["detail"]
+    # once the backlog already in compute is done, requests succeed again
+    for _ in range(50):
+        if post_many(server.url, [encode(photo(16, 16))], workers=1)[0].status_code == 200:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the server did not recover after the deadline burst")
+
+
+@pytest.mark.parametrize("server", [{"max_batch_size": 4}], indirect=True)
+def test_gradio_client_runs_the_ui_translate_endpoint(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    src = tmp_path / "photo.jpg"
+    photo(80, 60).save(src)
+    client = Client(server.url + "/ui/", verbose=False)
+    slider, download = client.predict(handle_file(str(src)), api_name="/translate")
+    before, after = slider
+    with Image.open(before) as b, Image.open(after) as a, Image.open(download) as d:
+        assert b.size == a.size == d.size == (80, 60)
+        assert d.format == "PNG"
+    r = httpx.get(server.url + "/", follow_redirects=False)
+    assert r.status_code in (307, 302) and r.headers["location"] == "/ui/"
+    text = httpx.get(server.url + "/metrics").text
+    assert metric(text, "monet_batch_size_count") >= 1  # the UI went through the batcher
