@@ -15,7 +15,10 @@ from torch import nn
 from model.images import fit_max_side, to_rgb
 from model.weights import GeneratorInfo, load_generator
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "photo2monet.safetensors"
+# The shipped generator; MONET_WEIGHTS names another (the container image sets it too).
+DEFAULT_WEIGHTS = Path(
+    os.environ.get("MONET_WEIGHTS") or Path(__file__).resolve().parent.parent / "weights" / "photo2monet.safetensors"
+)
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 

@@ -118,7 +118,11 @@ class CycleGANTrainer:
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW from the loader -> float in [-1, 1] on the device."""
-        x = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        return self.to_input_float(images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0))
+
+    def to_input_float(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images already in [-1, 1] -> the device and memory layout the step wants."""
+        x = images.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
     def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:

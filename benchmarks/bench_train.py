@@ -1,0 +1,104 @@
+"""Training throughput (images/s) of training.fit's step beside a plain baseline step, per preset.
+
+    python benchmarks/bench_train.py [--presets cyclegan,kaggle] [--device auto] [--steps 3] [--batch-sizes 1,4]
+
+The baseline is the reference implementation's shape: the same networks and losses, eager fp32,
+batch 1, the six generator calls and four discriminator calls made one by one, no tuning.
+Both run in this process at 256x256 on random images.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F_
+
+from training.config import preset_config
+from training.cyclegan import Discriminators, GANLoss, Generators, ImagePool
+from training.fit import CycleGANTrainer
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def baseline_step_fn(cfg, device):
+    gens, discs = Generators(cfg).to(device), Discriminators(cfg).to(device)
+    G, F, D_photo, D_monet = gens.G, gens.F, discs.D_photo, discs.D_monet
+    opt_G = torch.optim.Adam(gens.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_D = torch.optim.Adam(discs.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    gan = GANLoss(cfg.gan_loss)
+    pool_photo, pool_monet = ImagePool(cfg.pool_size), ImagePool(cfg.pool_size)
+    lc, li = cfg.lambda_cycle, cfg.lambda_cycle * cfg.lambda_identity
+
+    def step(photo, monet):
+        fake_monet, fake_photo = G(photo), F(monet)
+        rec_photo, rec_monet = F(fake_monet), G(fake_photo)
+        idt_monet, idt_photo = G(monet), F(photo)
+        for p in discs.parameters():
+            p.requires_grad = False
+        opt_G.zero_grad()
+        loss = (gan(D_monet(fake_monet), True) + gan(D_photo(fake_photo), True)
+                + lc * (F_.l1_loss(rec_photo, photo) + F_.l1_loss(rec_monet, monet))
+                + li * (F_.l1_loss(idt_monet, monet) + F_.l1_loss(idt_photo, photo)))
+        loss.backward()
+        opt_G.step()
+        for p in discs.parameters():
+            p.requires_grad = True
+        opt_D.zero_grad()
+        fp, fm = pool_photo.query(fake_photo), pool_monet.query(fake_monet)
+        loss_d = 0.5 * (gan(D_photo(photo), True) + gan(D_photo(fp.detach()), False)) + 0.5 * (
+            gan(D_monet(monet), True) + gan(D_monet(fm.detach()), False))
+        loss_d.backward()
+        opt_D.step()
+        return loss.item()  # the reference reads losses every step
+
+    return step
+
+
+def measure(step, batch, device, steps, warmup=2):
+    photo = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+    monet = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+    for _ in range(warmup):
+        step(photo, monet)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(photo, monet)
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--presets", default="cyclegan,kaggle")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch-sizes", default=None, help="ours; default 1,4 on CPU and 1,8 on CUDA")
+    p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    sizes = [int(b) for b in (args.batch_sizes or ("1,8" if device.type == "cuda" else "1,4")).split(",")]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    for preset in args.presets.split(","):
+        cfg = preset_config(preset, image_size=256, load_size=0)
+        torch.manual_seed(0)
+        base = measure(baseline_step_fn(cfg, device), 1, device, args.steps)
+        print(f"[{preset}] device {device}: baseline (eager fp32, batch 1): {base:7.2f} images/s  1.00x", flush=True)
+        for compiled in ([False, True] if args.compile else [False]):
+            for b in sizes:
+                cfg_b = preset_config(preset, image_size=256, load_size=0, batch_size=b, compile=compiled)
+                trainer = CycleGANTrainer(cfg_b, device, total_steps=10_000)
+                ours = measure(lambda x, y: trainer.step(trainer.to_input_float(x), trainer.to_input_float(y)),
+                               b, device, args.steps)
+                label = f"training.fit step ({trainer.amp_dtype or 'fp32'}, batch {b}{', compiled' if compiled else ''})"
+                print(f"[{preset}] {label:<48}: {ours:7.2f} images/s  {ours / base:.2f}x", flush=True)
+                del trainer
+
+
+if __name__ == "__main__":
+    main()
