@@ -42,6 +42,7 @@ def test_cyclegan_preset_trains_checkpoints_and_exports(folders, tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [2, 4] and all(m["images_per_s"] > 0 for m in lines)
     assert list((out / "samples").glob("*.png"))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is in the dev extra
     translator = Translator.from_file(out / "photo2monet.safetensors", device="cpu")
     assert translator.info.training["preset"] == "cyclegan" and translator.info.training["step"] == 4
     (painting,) = translator.translate([photo(50, 30)])

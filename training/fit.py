@@ -369,6 +369,7 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
     summary = {"photos": len(photos.files), "paintings": len(paintings.files), "device": str(device.type),
                "world_size": world_size, "steps_per_epoch": steps_per_epoch, "total_steps": total}
     metrics = open(out / "metrics.jsonl", "a") if main_rank else None
+    board = tensorboard_writer(out) if main_rank else None
     bar = None
     if main_rank:
         from tqdm import tqdm
@@ -403,6 +404,10 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
             if main_rank:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if board is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            board.add_scalar(f"train/{key}", value, step)
                 bar.set_postfix(G=f"{losses[0]:.3f}", cyc=f"{losses[1]:.3f}", D=f"{losses[3] + losses[4]:.3f}",
                                 ips=f"{rate:.2f}")
             summary["final_losses"] = record
@@ -427,6 +432,8 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
         check_ranks_identical(trainer, summary, out if main_rank else None)
     if metrics is not None:
         metrics.close()
+    if board is not None:
+        board.close()
     if not main_rank:
         return 0
     step = trainer.step_count
@@ -440,6 +447,15 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
         path = export_checkpoint(latest_checkpoint(out), out / "photo2monet.safetensors")
         print(f"done: {step} steps; photo->Monet generator written to {path}", flush=True)
     return 0
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard writer for RUN_DIR/tensorboard when the optional `tensorboard` package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def check_ranks_identical(trainer: CycleGANTrainer, summary: dict, out: Path | None) -> None:
