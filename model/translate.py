@@ -13,10 +13,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from model.images import IMAGE_EXTENSIONS
 from model.translator import DEFAULT_WEIGHTS, Translator
 from model.weights import WeightsError, atomic_write
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = {"png": ("PNG", ".png", {}), "jpeg": ("JPEG", ".jpg", {"quality": 95}), "webp": ("WEBP", ".webp", {"lossless": True})}
 
 

@@ -15,9 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from model.images import to_rgb
+from model.images import IMAGE_EXTENSIONS, to_rgb
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 class DataError(ValueError):
