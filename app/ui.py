@@ -21,6 +21,20 @@ EXAMPLES = Path(__file__).resolve().parent / "examples"
 OUTPUTS = Path(tempfile.gettempdir()) / "monet-cyclegan-ui"
 
 
+class PhotoInput(gr.Image):
+    """An image input that hands the uploaded file to the service undecoded, so the service's own limits
+    and messages apply (gr.Image would open it with PIL first and fail with its own error)."""
+
+    is_template = True  # rendered by gr.Image's front end
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if not payload.path:
+            raise gr.Error("The upload did not arrive; please try again.")
+        return payload.path
+
+
 def build_ui(service: PaintingService) -> gr.Blocks:
     async def paint(path: str | None):
         if not path:
@@ -41,7 +55,7 @@ def build_ui(service: PaintingService) -> gr.Blocks:
     with gr.Blocks(title="Monet-style photos", analytics_enabled=False) as demo:
         gr.Markdown("## Paint your photo like Claude Monet\nUpload, paste or take a photo; drag the slider to compare.")
         with gr.Row():
-            photo = gr.Image(label="Your photo", type="filepath", image_mode=None,
+            photo = PhotoInput(label="Your photo", type="filepath", image_mode=None,
                              sources=["upload", "clipboard", "webcam"], elem_id="photo")
             slider = gr.ImageSlider(label="Photo | Monet", type="pil", format="png", elem_id="result")
         with gr.Row():

@@ -100,3 +100,9 @@ def test_gradio_client_runs_the_ui_translate_endpoint(server, tmp_path):
     assert r.status_code in (307, 302) and r.headers["location"] == "/ui/"
     text = httpx.get(server.url + "/metrics").text
     assert metric(text, "monet_batch_size_count") >= 1  # the UI went through the batcher
+    # a rejected file gets the service's own message
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("this is not a photo")
+    with pytest.raises(Exception, match="not an image"):
+        client.predict(handle_file(str(fake)), api_name="/translate")
+    assert httpx.get(server.url + "/healthz").status_code == 200
