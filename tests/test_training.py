@@ -213,3 +213,13 @@ def test_evaluate_scores_a_set_against_itself_as_zero(folders, tmp_path, weights
     assert other["fid"] > 1.0 and other["kid_mean"] > same["kid_mean"] and other["n_generated"] == 6 and other["weights"].endswith("small.safetensors")
     r = run_module("training.evaluate", "--photos", str(tmp_path / "none"), "--paintings", str(folders / "photos"))
     assert "does not exist" in one_line_failure(r)
+
+
+def test_bad_hyperparameters_and_damaged_config(folders, tmp_path):
+    assert "at least 1" in one_line_failure(fit(folders, tmp_path / "a", "--ngf", "0"))
+    assert "multiple of 4" in one_line_failure(fit(folders, tmp_path / "b", "--preset", "cpu", "--image-size", "30"))
+    assert "multiple of 256" in one_line_failure(fit(folders, tmp_path / "c", "--preset", "kaggle", "--image-size", "128"))
+    assert "positive" in one_line_failure(fit(folders, tmp_path / "d", "--lr", "-1"))
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text("{not json")
+    assert "damaged" in one_line_failure(fit(folders, tmp_path / "e", "--resume"))

@@ -267,7 +267,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         config_file = args.out / "config.json"
         if not config_file.is_file():
             raise RunError(f"nothing to resume: {args.out} holds no run (no config.json)")
-        saved = json.loads(config_file.read_text())
+        try:
+            saved = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RunError(f"{config_file} is damaged; restore it or start a new run with another --out") from None
         saved |= {k: v for k, v in overrides.items() if v is not None}
         return TrainConfig.from_dict(saved)
     if (args.out / "config.json").exists() or (args.out / "checkpoints").exists():
@@ -282,11 +285,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise RunError(f"the unet generator needs --image-size a multiple of 256, not {cfg.image_size}")
     if cfg.generator == "resnet" and cfg.image_size % 4:
         raise RunError(f"the resnet generator needs --image-size a multiple of 4, not {cfg.image_size}")
+    if cfg.image_size < 16:
+        raise RunError(f"--image-size must be at least 16, not {cfg.image_size}")
+    if cfg.lr <= 0 or cfg.lambda_cycle < 0 or cfg.lambda_identity < 0 or cfg.pool_size < 0 or cfg.steps < 0:
+        raise RunError("--lr must be positive; --lambda-*, --pool-size and --steps must not be negative")
     if cfg.load_size and cfg.load_size < cfg.image_size:
         raise RunError(f"--load-size {cfg.load_size} is smaller than --image-size {cfg.image_size}")
     if cfg.decay not in ("linear", "none") or cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise RunError("--decay must be linear|none and --precision auto|fp32|bf16|fp16")
-    for name in ("batch_size", "log_every", "checkpoint_every"):
+    for name in ("batch_size", "log_every", "checkpoint_every", "ngf", "ndf", "n_blocks", "epochs"):
         if getattr(cfg, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1")
 
