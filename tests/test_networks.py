@@ -48,3 +48,13 @@ def test_build_generator_rejects_unknown_names():
         build_generator("transformer")
     with pytest.raises(ValueError, match="bad settings"):
         build_generator("resnet", depth=3)
+
+
+def test_resize_upsampling_keeps_the_parameter_count_and_shape():
+    resize = ResnetGenerator(upsample="resize")
+    assert count(resize) == count(ResnetGenerator())
+    assert resize.settings["upsample"] == "resize"
+    with torch.no_grad():
+        assert resize(torch.zeros(1, 3, 36, 44)).shape == (1, 3, 36, 44)
+    with pytest.raises(ValueError, match="upsample"):
+        ResnetGenerator(upsample="pixelshuffle")

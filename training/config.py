@@ -15,6 +15,7 @@ class TrainConfig:
     generator: str = "resnet"  # resnet | unet
     ngf: int = 64
     n_blocks: int = 9  # resnet only
+    upsample: str = "transpose"  # resnet only: transpose (the paper) | resize (bilinear + conv, no checkerboard)
     ndf: int = 64
     # objective
     gan_loss: str = "lsgan"  # lsgan (least squares) | bce (binary cross-entropy on logits)
@@ -65,8 +66,8 @@ PRESETS: dict[str, dict] = {
     ),
     # Our recipe for 2 CPU cores and at most ~2.5 hours; see README "Training on a CPU".
     "cpu": dict(
-        ngf=32, n_blocks=6, load_size=0, image_size=128, batch_size=4, lr=1e-4, num_workers=1,
-        epochs=8, steps_per_epoch=500, log_every=25, checkpoint_every=250,
+        ngf=32, n_blocks=6, upsample="resize", load_size=0, image_size=128, batch_size=4, lr=1e-4, num_workers=1,
+        epochs=6, steps_per_epoch=500, log_every=25, checkpoint_every=250,
     ),
 }
 
@@ -77,3 +78,10 @@ def preset_config(name: str, **overrides) -> TrainConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}, "preset": name}
     return TrainConfig.from_dict(values)
+
+
+def generator_settings(cfg: TrainConfig) -> dict:
+    """The generator's constructor settings in a run's configuration."""
+    if cfg.generator == "resnet":
+        return {"ngf": cfg.ngf, "n_blocks": cfg.n_blocks, "upsample": cfg.upsample}
+    return {"ngf": cfg.ngf}

@@ -11,7 +11,7 @@ import torch.nn.functional as F_
 from torch import nn
 
 from model.networks import PatchDiscriminator, build_generator, init_weights
-from training.config import TrainConfig
+from training.config import TrainConfig, generator_settings
 
 
 class Generators(nn.Module):
@@ -19,7 +19,7 @@ class Generators(nn.Module):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()
-        settings = {"ngf": cfg.ngf} | ({"n_blocks": cfg.n_blocks} if cfg.generator == "resnet" else {})
+        settings = generator_settings(cfg)
         self.G = init_weights(build_generator(cfg.generator, **settings))
         self.F = init_weights(build_generator(cfg.generator, **settings))
         self.identity = cfg.lambda_identity > 0

@@ -11,11 +11,7 @@ import torch
 from model.networks import build_generator
 from model.weights import save_generator
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from training.config import TrainConfig
-
-
-def generator_settings(cfg: TrainConfig) -> dict:
-    return {"ngf": cfg.ngf} | ({"n_blocks": cfg.n_blocks} if cfg.generator == "resnet" else {})
+from training.config import TrainConfig, generator_settings
 
 
 def training_summary(cfg: TrainConfig, state: dict) -> dict:

@@ -50,6 +50,12 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return torch.bfloat16 if native_bf16(device) else None
 
 
+def _quiet_worker(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which saves a checkpoint and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Stopper:
     """Turns SIGINT/SIGTERM into a request to save a checkpoint and leave the loop."""
 
@@ -232,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("hyperparameters (default: the preset's)")
     helps = {
         "generator": "resnet | unet", "ngf": "generator width", "n_blocks": "residual blocks (resnet)",
+        "upsample": "resnet upsampling: transpose (paper) | resize (no checkerboard)",
         "ndf": "discriminator width", "gan_loss": "lsgan | bce", "pool_size": "image pool size (0: off)",
         "lambda_cycle": "cycle-consistency weight", "lambda_identity": "identity weight (x lambda_cycle)",
         "lr": "Adam learning rate for a global batch of 1", "beta1": "Adam beta1", "beta2": "Adam beta2",
@@ -281,6 +288,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     if cfg.generator not in ("resnet", "unet"):
         raise RunError(f"--generator must be resnet or unet, not {cfg.generator!r}")
+    if cfg.upsample not in ("transpose", "resize"):
+        raise RunError(f"--upsample must be transpose or resize, not {cfg.upsample!r}")
     if cfg.generator == "unet" and cfg.image_size % 256:
         raise RunError(f"the unet generator needs --image-size a multiple of 256, not {cfg.image_size}")
     if cfg.generator == "resnet" and cfg.image_size % 4:
@@ -368,7 +377,7 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
     dataset = UnpairedDataset(photos, paintings, cfg.load_size, cfg.image_size, cfg.flip, cfg.seed)
     sampler = StepSampler(len(dataset), steps_per_epoch, cfg.batch_size, cfg.seed, start, stop_at, rank, world_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=_quiet_worker,
                         prefetch_factor=4 if cfg.num_workers else None)
     sample_photos = torch.stack([dataset[(0, i)][0] for i in range(min(cfg.samples, len(dataset)))])
 
