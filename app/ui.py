@@ -21,22 +21,11 @@ EXAMPLES = Path(__file__).resolve().parent / "examples"
 OUTPUTS = Path(tempfile.gettempdir()) / "monet-cyclegan-ui"
 
 
-class PhotoInput(gr.Image):
-    """An image input that hands the uploaded file to the service undecoded, so the service's own limits
-    and messages apply (gr.Image would open it with PIL first and fail with its own error)."""
-
-    is_template = True  # rendered by gr.Image's front end
-
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        if not payload.path:
-            raise gr.Error("The upload did not arrive; please try again.")
-        return payload.path
-
-
 def build_ui(service: PaintingService) -> gr.Blocks:
-    async def paint(path: str | None):
+    async def paint(upload: dict | None):
+        # the event runs with preprocess=False: gr.Image would open the file with PIL first and fail with
+        # its own message; this way every upload gets the service's limits and messages, as on REST
+        path = (upload or {}).get("path")
         if not path:
             raise gr.Error("Upload, paste or take a photo first.")
         data = Path(path).read_bytes()
@@ -55,7 +44,7 @@ def build_ui(service: PaintingService) -> gr.Blocks:
     with gr.Blocks(title="Monet-style photos", analytics_enabled=False) as demo:
         gr.Markdown("## Paint your photo like Claude Monet\nUpload, paste or take a photo; drag the slider to compare.")
         with gr.Row():
-            photo = PhotoInput(label="Your photo", type="filepath", image_mode=None,
+            photo = gr.Image(label="Your photo", type="filepath", image_mode=None,
                              sources=["upload", "clipboard", "webcam"], elem_id="photo")
             slider = gr.ImageSlider(label="Photo | Monet", type="pil", format="png", elem_id="result")
         with gr.Row():
@@ -64,7 +53,7 @@ def build_ui(service: PaintingService) -> gr.Blocks:
         examples = sorted(str(p) for p in EXAMPLES.glob("*.jpg"))
         if examples:
             gr.Examples(examples=examples, inputs=photo, label="Example photos (see app/examples/CREDITS.md)")
-        button.click(paint, inputs=photo, outputs=[slider, download], api_name="translate",
+        button.click(paint, inputs=photo, outputs=[slider, download], api_name="translate", preprocess=False,
                      concurrency_limit=service.settings.max_batch_size)
     return demo
 
