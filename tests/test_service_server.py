@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from model.weights import save_generator
-from tests.conftest import Server, encode, photo, small_generator
+from tests.conftest import ROOT, Server, encode, photo, small_generator
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,8 @@ def test_overload_gets_503_with_retry_after_and_the_server_recovers(server):
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
     assert httpx.get(server.url + "/healthz").status_code == 200
+    # building the UI writes nothing into the source tree (it may be read-only, as in the image)
+    assert not list((ROOT / "app").glob("*.pyi"))
     ok = post_many(server.url, [encode(photo(32, 32))], workers=1)[0]
     assert ok.status_code == 200
 
@@ -106,3 +108,5 @@ def test_gradio_client_runs_the_ui_translate_endpoint(server, tmp_path):
     with pytest.raises(Exception, match="not an image"):
         client.predict(handle_file(str(fake)), api_name="/translate")
     assert httpx.get(server.url + "/healthz").status_code == 200
+    # building the UI writes nothing into the source tree (it may be read-only, as in the image)
+    assert not list((ROOT / "app").glob("*.pyi"))
