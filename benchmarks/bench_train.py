@@ -4,7 +4,7 @@
 
 The baseline is the reference implementation's shape: the same networks and losses, eager fp32,
 batch 1, the six generator calls and four discriminator calls made one by one, no tuning.
-Both run in this process at 256x256 on random images.
+Both run in this process at 256x256 (--image-size) on random images.
 """
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def baseline_step_fn(cfg, device):
     return step
 
 
-def measure(step, batch, device, steps, warmup=2):
-    photo = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
-    monet = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+def measure(step, batch, device, steps, size=256, warmup=2):
+    photo = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    monet = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     for _ in range(warmup):
         step(photo, monet)
     sync(device)
@@ -78,6 +78,8 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-sizes", default=None, help="ours; default 1,4 on CPU and 1,8 on CUDA")
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--small", action="store_true", help="tiny networks, for a smoke test of this script")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -85,16 +87,18 @@ def main():
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     for preset in args.presets.split(","):
-        cfg = preset_config(preset, image_size=256, load_size=0)
+        small = dict(ngf=8, ndf=8, n_blocks=1) if args.small else {}
+        cfg = preset_config(preset, image_size=args.image_size, load_size=0, **small)
         torch.manual_seed(0)
-        base = measure(baseline_step_fn(cfg, device), 1, device, args.steps)
+        base = measure(baseline_step_fn(cfg, device), 1, device, args.steps, args.image_size)
         print(f"[{preset}] device {device}: baseline (eager fp32, batch 1): {base:7.2f} images/s  1.00x", flush=True)
         for compiled in ([False, True] if args.compile else [False]):
             for b in sizes:
-                cfg_b = preset_config(preset, image_size=256, load_size=0, batch_size=b, compile=compiled)
+                cfg_b = preset_config(preset, image_size=args.image_size, load_size=0, batch_size=b, compile=compiled,
+                                      **small)
                 trainer = CycleGANTrainer(cfg_b, device, total_steps=10_000)
                 ours = measure(lambda x, y: trainer.step(trainer.to_input_float(x), trainer.to_input_float(y)),
-                               b, device, args.steps)
+                               b, device, args.steps, args.image_size)
                 label = f"training.fit step ({trainer.amp_dtype or 'fp32'}, batch {b}{', compiled' if compiled else ''})"
                 print(f"[{preset}] {label:<48}: {ours:7.2f} images/s  {ours / base:.2f}x", flush=True)
                 del trainer
