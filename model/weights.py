@@ -29,6 +29,10 @@ FORMAT = "monet-cyclegan-generator"
 VERSION = "1"
 
 
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
 class WeightsError(ValueError):
     """A weight file that cannot be used; the message names the file and the problem."""
 
@@ -63,6 +67,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -101,3 +101,4 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     save_generator(path, small_generator())
     save_generator(path, small_generator(seed=1))  # overwrite in place
     assert sorted(p.name for p in path.parent.iterdir()) == ["g.safetensors"]
+    assert path.stat().st_mode & 0o044, "written with the usual permissions, not mkstemp's 0600"
