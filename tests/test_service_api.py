@@ -173,3 +173,11 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("MONET_DEVICE", "cpu")
     s = Settings()
     assert s.max_batch_size == 3 and s.device == "cpu" and s.port == 8000 and s.host == "127.0.0.1"
+
+
+def test_the_service_on_its_default_weights():
+    with TestClient(create_app(Settings(ui=False))) as c:
+        wait_ready(c)
+        assert c.get("/info").json()["model"]["training"]["preset"] == "cpu"
+        out = decoded(c.post("/translate", files={"image": ("p.jpg", encode(photo(64, 40)), "image/jpeg")}))
+        assert out.size == (64, 40)

@@ -51,3 +51,17 @@ def test_bad_weights_and_missing_inputs_give_one_line_errors(tmp_path, weights_f
     result = run_module("model.translate", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
                         "--weights", str(weights_file))
     assert result.returncode == 1 and "no such file or folder" in result.stderr
+
+
+def test_the_shipped_default_weights_work_without_flags(tmp_path):
+    from model.translator import DEFAULT_WEIGHTS, Translator
+
+    translator = Translator.from_file(DEFAULT_WEIGHTS, device="cpu")
+    assert translator.info.direction == "photo->monet" and translator.info.training["preset"] == "cpu"
+    src = tmp_path / "in"
+    src.mkdir()
+    photo(96, 64).save(src / "p.jpg")
+    result = run_module("model.translate", str(src), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "out" / "p.png") as img:
+        assert img.size == (96, 64)
