@@ -61,7 +61,6 @@ def main() -> None:
             return baseline_net(x1).cpu()
 
     base = timed(baseline, 1, args.seconds, device)
-    del baseline_net
 
     translator = Translator(generator, device=str(device), max_batch=max(int(b) for b in args.batches.split(",")))
     results = {"device": str(device), "dtype": str(translator.dtype).removeprefix("torch."),

@@ -101,7 +101,6 @@ def main():
                                b, device, args.steps, args.image_size)
                 label = f"training.fit step ({trainer.amp_dtype or 'fp32'}, batch {b}{', compiled' if compiled else ''})"
                 print(f"[{preset}] {label:<48}: {ours:7.2f} images/s  {ours / base:.2f}x", flush=True)
-                del trainer
 
 
 if __name__ == "__main__":

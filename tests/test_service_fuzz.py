@@ -7,7 +7,7 @@ import sys
 import httpx
 
 from model.weights import save_generator
-from tests.conftest import ROOT, Server, small_generator
+from tests.conftest import Server, small_generator
 
 
 def test_openapi_fuzz_finds_no_server_errors(tmp_path):
