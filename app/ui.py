@@ -37,16 +37,15 @@ def build_ui(service: PaintingService) -> gr.Blocks:
         fd, name = tempfile.mkstemp(prefix="monet-", suffix=".png", dir=OUTPUTS)
         with os.fdopen(fd, "wb") as f:
             f.write(painting.data)
-        before = Image.fromarray(painting.source, "RGB")
-        after = Image.open(name)
-        return (before, after), name
+        # the painting goes to the slider as the file just written: no second decode and re-encode
+        return (Image.fromarray(painting.source, "RGB"), name), name
 
     with gr.Blocks(title="Monet-style photos", analytics_enabled=False) as demo:
         gr.Markdown("## Paint your photo like Claude Monet\nUpload, paste or take a photo; drag the slider to compare.")
         with gr.Row():
             photo = gr.Image(label="Your photo", type="filepath", image_mode=None,
                              sources=["upload", "clipboard", "webcam"], elem_id="photo")
-            slider = gr.ImageSlider(label="Photo | Monet", type="pil", format="png", elem_id="result")
+            slider = gr.ImageSlider(label="Photo | Monet", type="filepath", format="png", elem_id="result")
         with gr.Row():
             button = gr.Button("Paint it", variant="primary", elem_id="paint")
             download = gr.File(label="Download the painting (lossless PNG)", elem_id="download")

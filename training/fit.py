@@ -445,7 +445,7 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
         bar.close()
     checkpoint()
     if world_size > 1:
-        check_ranks_identical(trainer, summary, out if main_rank else None)
+        check_ranks_identical(trainer, out if main_rank else None)
     if metrics is not None:
         metrics.close()
     if board is not None:
@@ -474,7 +474,7 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def check_ranks_identical(trainer: CycleGANTrainer, summary: dict, out: Path | None) -> None:
+def check_ranks_identical(trainer: CycleGANTrainer, out: Path | None) -> None:
     """Compare a checksum of every rank's weights; record the verdict in RUN_DIR/ddp_check.json."""
     params = [p.detach().double().sum() for m in (trainer.gens, trainer.discs) for p in m.parameters()]
     mine = torch.stack(params).to(trainer.device)
