@@ -9,14 +9,15 @@ Both run in this process at 256x256 (--image-size) on random images.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
 import torch.nn.functional as F_
 
 from training.config import preset_config
-from training.cyclegan import Discriminators, GANLoss, Generators, ImagePool
-from training.fit import CycleGANTrainer
+from training.cut import CUTTrainer
+from training.cyclegan import CycleGANTrainer, Discriminators, GANLoss, Generators, ImagePool
 
 
 def sync(device):
@@ -74,6 +75,8 @@ def measure(step, batch, device, steps, size=256, warmup=2):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--presets", default="cyclegan,kaggle")
+    p.add_argument("--models", default="cyclegan,fastcut",
+                   help="objectives to time as ours (cyclegan, cut, fastcut; CUT needs a resnet preset)")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-sizes", default=None, help="ours; default 1,4 on CPU and 1,8 on CUDA")
@@ -92,15 +95,16 @@ def main():
         torch.manual_seed(0)
         base = measure(baseline_step_fn(cfg, device), 1, device, args.steps, args.image_size)
         print(f"[{preset}] device {device}: baseline (eager fp32, batch 1): {base:7.2f} images/s  1.00x", flush=True)
-        for compiled in ([False, True] if args.compile else [False]):
-            for b in sizes:
-                cfg_b = preset_config(preset, image_size=args.image_size, load_size=0, batch_size=b, compile=compiled,
-                                      **small)
-                trainer = CycleGANTrainer(cfg_b, device, total_steps=10_000)
-                ours = measure(lambda x, y: trainer.step(trainer.to_input_float(x), trainer.to_input_float(y)),
-                               b, device, args.steps, args.image_size)
-                label = f"training.fit step ({trainer.amp_dtype or 'fp32'}, batch {b}{', compiled' if compiled else ''})"
-                print(f"[{preset}] {label:<48}: {ours:7.2f} images/s  {ours / base:.2f}x", flush=True)
+        models = [m for m in args.models.split(",") if m == "cyclegan" or cfg.generator == "resnet"]
+        for model, compiled, b in itertools.product(models, [False, True] if args.compile else [False], sizes):
+            cfg_b = preset_config(preset, image_size=args.image_size, load_size=0, batch_size=b, compile=compiled,
+                                  model=model, **small)
+            trainer = (CycleGANTrainer if model == "cyclegan" else CUTTrainer)(cfg_b, device, total_steps=10_000)
+            ours = measure(lambda x, y: trainer.step(trainer.to_input_float(x), trainer.to_input_float(y)),
+                           b, device, args.steps, args.image_size)
+            label = (f"{model} step ({str(trainer.amp_dtype or 'fp32').replace('torch.', '')}, batch {b}"
+                     f"{', compiled' if compiled else ''})")
+            print(f"[{preset}] {label:<48}: {ours:7.2f} images/s  {ours / base:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ class TrainConfig:
     """Every knob of a run. Saved as RUN_DIR/config.json and inside every checkpoint."""
 
     preset: str = "cyclegan"
+    model: str = "cyclegan"  # cyclegan | cut | fastcut: the objective (training.cyclegan / training.cut)
     # networks
     generator: str = "resnet"  # resnet | unet
     ngf: int = 64
@@ -22,6 +23,13 @@ class TrainConfig:
     pool_size: int = 50  # fakes kept for the discriminators; 0 disables the pool
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.5  # multiplied by lambda_cycle, as in the reference code
+    lambda_nce: float = 0.0  # CUT's PatchNCE weight; 0 picks the paper's: 1 for cut, 10 for fastcut
+    num_patches: int = 256  # patches per layer in PatchNCE
+    nce_t: float = 0.07  # PatchNCE temperature
+    # recipe tools (off in the faithful presets)
+    diffaugment: str = ""  # DiffAugment policy for everything D sees, e.g. "color,translation,cutout"
+    ema: float = 0.0  # decay of an EMA copy of G used for validation and export (0: off), e.g. 0.999
+    lr_d_mult: float = 1.0  # discriminator learning rate = lr x this
     # optimiser and schedule
     lr: float = 2e-4  # for a global batch of 1; scaled by sqrt(global batch), see README
     beta1: float = 0.5
@@ -41,11 +49,19 @@ class TrainConfig:
     # speed
     precision: str = "auto"  # auto (bf16 where the hardware does it natively) | fp32 | bf16 | fp16
     compile: bool = False
+    # validation: KID of G(validation photos) against the paintings every eval_every steps
+    eval_every: int = 500  # 0: no validation
+    val_photos: str = ""  # folder of validation photos; empty: hold out val_fraction of --photos
+    val_fraction: float = 0.0  # 0: hold out min(200, 10%) of the photos
     # bookkeeping
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     samples: int = 4  # fixed photos in the per-epoch sample grid
+
+    def __post_init__(self):
+        if self.lambda_nce == 0.0 and self.model in ("cut", "fastcut"):
+            self.lambda_nce = 1.0 if self.model == "cut" else 10.0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

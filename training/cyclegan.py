@@ -7,11 +7,13 @@ its work (the shape DistributedDataParallel wants), and same-network calls are b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F_
 from torch import nn
 
 from model.networks import PatchDiscriminator, build_generator, init_weights
 from training.config import TrainConfig, generator_settings
+from training.trainer import GANLoss, Trainer
+
+__all__ = ["CycleGANTrainer", "Discriminators", "GANLoss", "Generators", "ImagePool"]
 
 
 class Generators(nn.Module):
@@ -51,23 +53,6 @@ class Discriminators(nn.Module):
         return self.D_photo(photos), self.D_monet(monets)
 
 
-class GANLoss(nn.Module):
-    """Least-squares (lsgan) or binary cross-entropy on logits (bce) against a constant target."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        if kind not in ("lsgan", "bce"):
-            raise ValueError(f"unknown gan_loss {kind!r}; use lsgan or bce")
-        self.kind = kind
-
-    def forward(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
-        logits = logits.float()
-        target = torch.full_like(logits, 1.0 if real else 0.0)
-        if self.kind == "lsgan":
-            return F_.mse_loss(logits, target)
-        return F_.binary_cross_entropy_with_logits(logits, target)
-
-
 class ImagePool:
     """The reference's history of generated images: with probability 1/2 a query returns an older fake
     in place of the new one (and keeps the new one), which steadies the discriminators.
@@ -104,3 +89,72 @@ class ImagePool:
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.images = [img.unsqueeze(0).to(device) for img in state["images"]] if state["images"].numel() else []
         self.rng.set_state(state["rng"])
+
+
+class CycleGANTrainer(Trainer):
+    """Both generators, both discriminators and their pools; ``step`` does one CycleGAN update."""
+
+    loss_names = ("G_gan", "cycle", "identity", "D_photo", "D_monet")
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1,
+                 local_rank: int | None = None):
+        super().__init__(cfg, device, total_steps, world_size, local_rank)
+        self.setup(Generators(cfg), Discriminators(cfg))
+        self.pool_photo = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 1)
+        self.pool_monet = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 2)
+
+    def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
+        """One update of both generators, then both discriminators. Returns the detached losses
+        [G_gan, cycle, identity, D_photo, D_monet] as one tensor on the device (no host sync)."""
+        cfg, gan, l1, aug = self.cfg, self.gan_loss, torch.nn.functional.l1_loss, self.augment
+        n = photo.shape[0]
+        # generators: D's parameters are frozen so its weight gradients are never computed
+        self.discs.requires_grad_(False)
+        self.opt_G.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.gens_run(photo, monet)
+            d_photo, d_monet = self.discs_plain(aug(out["fake_photo"]), aug(out["fake_monet"]))
+            loss_gan = gan(d_monet, True) + gan(d_photo, True)
+            loss_cycle = (l1(out["rec_photo"].float(), photo) + l1(out["rec_monet"].float(), monet)) * cfg.lambda_cycle
+            if out["idt_monet"] is not None:
+                loss_idt = (l1(out["idt_monet"].float(), monet) + l1(out["idt_photo"].float(), photo)) * (
+                    cfg.lambda_cycle * cfg.lambda_identity)
+            else:
+                loss_idt = torch.zeros((), device=self.device)
+            loss_G = loss_gan + loss_cycle + loss_idt
+        self.scaler.scale(loss_G).backward()
+        self.scaler.step(self.opt_G)
+        # discriminators: real against (pooled) fake, one batched forward for both
+        self.discs.requires_grad_(True)
+        fake_photo = self.pool_photo.query(out["fake_photo"].detach())
+        fake_monet = self.pool_monet.query(out["fake_monet"].detach())
+        self.opt_D.zero_grad(set_to_none=True)
+        with self.autocast():
+            d_photo, d_monet = self.discs_run(aug(torch.cat([photo, fake_photo.to(photo.dtype)])),
+                                              aug(torch.cat([monet, fake_monet.to(monet.dtype)])))
+            loss_D_photo = 0.5 * (gan(d_photo[:n], True) + gan(d_photo[n:], False))
+            loss_D_monet = 0.5 * (gan(d_monet[:n], True) + gan(d_monet[n:], False))
+        self.scaler.scale(loss_D_photo + loss_D_monet).backward()
+        self.scaler.step(self.opt_D)
+        self.finish_step()
+        return torch.stack([loss_gan, loss_cycle, loss_idt, loss_D_photo, loss_D_monet]).detach().float()
+
+    def extra_state(self) -> dict:
+        return {"pool_photo": self.pool_photo.state_dict(), "pool_monet": self.pool_monet.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.pool_photo.load_state_dict(state["pool_photo"], self.device)
+        self.pool_monet.load_state_dict(state["pool_monet"], self.device)
+
+    @torch.no_grad()
+    def sample_grid(self, photos: torch.Tensor) -> torch.Tensor:
+        """Rows of photo | Monet-fied | reconstructed photo, as a [0, 1] image tensor."""
+        from torchvision.utils import make_grid
+
+        self.gens.eval()
+        x = self.to_input(photos)
+        fake = self.generator()(x)
+        rec = self.gens.F(fake)
+        self.gens.train()
+        rows = torch.stack([x, fake.float(), rec.float()], dim=1).flatten(0, 1)
+        return make_grid(rows.cpu(), nrow=3, normalize=True, value_range=(-1, 1), padding=2)

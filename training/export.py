@@ -19,15 +19,19 @@ def training_summary(cfg: TrainConfig, state: dict) -> dict:
 
 
 def export_checkpoint(checkpoint: Path, out: Path, fp16: bool = False) -> Path:
-    """Export the photo->Monet generator G of ``checkpoint`` (or of a run folder's latest) to ``out``."""
+    """Export the photo->Monet generator G of ``checkpoint`` (or of a run folder's latest) to ``out``;
+    its EMA copy when the run kept one."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = latest_checkpoint(checkpoint)
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(state["config"])
     generator = build_generator(cfg.generator, **generator_settings(cfg))
-    prefix = "G."
-    generator.load_state_dict({k[len(prefix):]: v for k, v in state["generators"].items() if k.startswith(prefix)})
+    if "ema" in state:  # the run kept an EMA of G: that is the generator to ship
+        generator.load_state_dict(state["ema"]["module"])
+    else:
+        prefix = "G."
+        generator.load_state_dict({k[len(prefix):]: v for k, v in state["generators"].items() if k.startswith(prefix)})
     save_generator(out, generator, training=training_summary(cfg, state), dtype=torch.float16 if fp16 else None)
     return Path(out)
 

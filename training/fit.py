@@ -13,22 +13,24 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from torchvision.utils import make_grid
 
-from model.translator import native_bf16
-from model.weights import atomic_write
+from model.weights import atomic_write, save_generator
+from training.augment import parse_policy
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import PRESETS, TrainConfig, preset_config
-from training.cyclegan import Discriminators, GANLoss, Generators, ImagePool
+from training.cut import CUTTrainer
+from training.cyclegan import CycleGANTrainer
 from training.data import DataError, StepSampler, UnpairedDataset, scan_folder
-from training.export import export_checkpoint
+from training.export import export_checkpoint, training_summary
+from training.trainer import Trainer
+from training.validation import Validator, split_validation
+
+TRAINERS = {"cyclegan": CycleGANTrainer, "cut": CUTTrainer, "fastcut": CUTTrainer}
 
 
 class RunError(ValueError):
@@ -37,17 +39,6 @@ class RunError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # hardware
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``cfg.precision`` on ``device``; None means plain fp32."""
-    if cfg.precision == "fp32":
-        return None
-    if cfg.precision == "bf16":
-        return torch.bfloat16
-    if cfg.precision == "fp16":
-        return torch.float16
-    return torch.bfloat16 if native_bf16(device) else None
 
 
 def _quiet_worker(worker_id: int) -> None:
@@ -69,152 +60,6 @@ class Stopper:
 
 
 # ---------------------------------------------------------------------------------------------
-# the training state and one step
-
-
-class CycleGANTrainer:
-    """Networks, optimisers, schedules and pools of one run; ``step`` does one CycleGAN update."""
-
-    def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1,
-                 local_rank: int | None = None):
-        self.cfg, self.device, self.total_steps = cfg, device, total_steps
-        self.gens = Generators(cfg).to(device)
-        self.discs = Discriminators(cfg).to(device)
-        if device.type == "cuda":
-            self.gens.to(memory_format=torch.channels_last)
-            self.discs.to(memory_format=torch.channels_last)
-        # lr for a global batch of 1, scaled by sqrt(global batch) (Adam-friendly rule, README)
-        lr = cfg.lr * math.sqrt(cfg.batch_size * world_size)
-        adam = dict(lr=lr, betas=(cfg.beta1, cfg.beta2))
-        adam |= {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.opt_G = torch.optim.Adam(self.gens.parameters(), **adam)
-        self.opt_D = torch.optim.Adam(self.discs.parameters(), **adam)
-        decay_from = total_steps // 2 if cfg.decay == "linear" else total_steps
-
-        def factor(step: int) -> float:
-            if step < decay_from:
-                return 1.0
-            return max(0.0, 1.0 - (step - decay_from) / max(1, total_steps - decay_from))
-
-        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, factor)
-        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, factor)
-        self.pool_photo = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 1)
-        self.pool_monet = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 2)
-        self.gan_loss = GANLoss(cfg.gan_loss)
-        self.amp_dtype = autocast_dtype(cfg, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.step_count = 0
-        # what runs the forward passes: DDP and/or torch.compile wrappers around the same modules
-        self.gens_run, self.discs_run = self.gens, self.discs
-        if world_size > 1:
-            ids = [local_rank] if device.type == "cuda" else None
-            self.gens_run = DDP(self.gens, device_ids=ids, broadcast_buffers=False)
-            self.discs_run = DDP(self.discs, device_ids=ids, broadcast_buffers=False)
-        if cfg.compile:
-            self.gens_run = torch.compile(self.gens_run)
-            self.discs_run = torch.compile(self.discs_run)
-            self.discs_plain = torch.compile(self.discs)
-        else:
-            self.discs_plain = self.discs
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW from the loader -> float in [-1, 1] on the device."""
-        return self.to_input_float(images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0))
-
-    def to_input_float(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images already in [-1, 1] -> the device and memory layout the step wants."""
-        x = images.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
-
-    def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
-        """One update of both generators, then both discriminators. Returns the detached losses
-        [G_gan, cycle, identity, D_photo, D_monet] as one tensor on the device (no host sync)."""
-        cfg, gan, l1 = self.cfg, self.gan_loss, torch.nn.functional.l1_loss
-        n = photo.shape[0]
-        # generators: D's parameters are frozen so its weight gradients are never computed
-        self.discs.requires_grad_(False)
-        self.opt_G.zero_grad(set_to_none=True)
-        with self.autocast():
-            out = self.gens_run(photo, monet)
-            d_photo, d_monet = self.discs_plain(out["fake_photo"], out["fake_monet"])
-            loss_gan = gan(d_monet, True) + gan(d_photo, True)
-            loss_cycle = (l1(out["rec_photo"].float(), photo) + l1(out["rec_monet"].float(), monet)) * cfg.lambda_cycle
-            if out["idt_monet"] is not None:
-                loss_idt = (l1(out["idt_monet"].float(), monet) + l1(out["idt_photo"].float(), photo)) * (
-                    cfg.lambda_cycle * cfg.lambda_identity)
-            else:
-                loss_idt = torch.zeros((), device=self.device)
-            loss_G = loss_gan + loss_cycle + loss_idt
-        self.scaler.scale(loss_G).backward()
-        self.scaler.step(self.opt_G)
-        # discriminators: real against (pooled) fake, one batched forward for both
-        self.discs.requires_grad_(True)
-        fake_photo = self.pool_photo.query(out["fake_photo"].detach())
-        fake_monet = self.pool_monet.query(out["fake_monet"].detach())
-        self.opt_D.zero_grad(set_to_none=True)
-        with self.autocast():
-            d_photo, d_monet = self.discs_run(torch.cat([photo, fake_photo.to(photo.dtype)]),
-                                              torch.cat([monet, fake_monet.to(monet.dtype)]))
-            loss_D_photo = 0.5 * (gan(d_photo[:n], True) + gan(d_photo[n:], False))
-            loss_D_monet = 0.5 * (gan(d_monet[:n], True) + gan(d_monet[n:], False))
-        self.scaler.scale(loss_D_photo + loss_D_monet).backward()
-        self.scaler.step(self.opt_D)
-        self.scaler.update()
-        self.sched_G.step()
-        self.sched_D.step()
-        self.step_count += 1
-        return torch.stack([loss_gan, loss_cycle, loss_idt, loss_D_photo, loss_D_monet]).detach().float()
-
-    # -- checkpoint state --------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        state = {
-            "step": self.step_count,
-            "config": dataclasses.asdict(self.cfg),
-            "generators": self.gens.state_dict(),
-            "discriminators": self.discs.state_dict(),
-            "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
-            "sched_G": self.sched_G.state_dict(), "sched_D": self.sched_D.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "pool_photo": self.pool_photo.state_dict(), "pool_monet": self.pool_monet.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.gens.load_state_dict(state["generators"])
-        self.discs.load_state_dict(state["discriminators"])
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
-        self.sched_G.load_state_dict(state["sched_G"])
-        self.sched_D.load_state_dict(state["sched_D"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.pool_photo.load_state_dict(state["pool_photo"], self.device)
-        self.pool_monet.load_state_dict(state["pool_monet"], self.device)
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.step_count = int(state["step"])
-
-    @torch.no_grad()
-    def sample_grid(self, photos: torch.Tensor) -> torch.Tensor:
-        """Rows of photo | Monet-fied | reconstructed photo, as a [0, 1] image tensor."""
-        self.gens.eval()
-        x = self.to_input(photos)
-        fake = self.gens.G(x)
-        rec = self.gens.F(fake)
-        self.gens.train()
-        rows = torch.stack([x, fake.float(), rec.float()], dim=1).flatten(0, 1)
-        return make_grid(rows.cpu(), nrow=3, normalize=True, value_range=(-1, 1), padding=2)
-
-
-# ---------------------------------------------------------------------------------------------
 # command line
 
 LENGTH_FIELDS = ("epochs", "steps", "steps_per_epoch")
@@ -225,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.fit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every preset value can be overridden by its flag; the resolved configuration is written to "
         "RUN_DIR/config.json and stored in every checkpoint.")
-    p.add_argument("--photos", type=Path, required=True, help="folder of photos (domain A)")
-    p.add_argument("--paintings", type=Path, required=True, help="folder of paintings (domain B)")
+    p.add_argument("--photos", type=Path, default=None, help="folder of photos (domain A); --resume reads it from the run")
+    p.add_argument("--paintings", type=Path, default=None,
+                   help="folder of paintings (domain B); --resume reads it from the run")
     p.add_argument("--out", type=Path, required=True, help="run folder for config, checkpoints, samples, metrics")
     p.add_argument("--preset", default="cyclegan", choices=list(PRESETS),
                    help="starting recipe: cyclegan (paper), kaggle (tutorial U-Net), cpu (2 cores, ~2.5 h)")
@@ -234,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--stop-at-step", type=int, default=0,
                    help="save a checkpoint and stop after this step (continue later with --resume)")
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="stop (validate, checkpoint, exit) after this many minutes of training, validation time "
+                        "not counted; for comparing recipes at equal wall-clock time (continue with --resume)")
     p.add_argument("--no-export", action="store_true", help="don't write RUN_DIR/photo2monet.safetensors at the end")
     g = p.add_argument_group("hyperparameters (default: the preset's)")
     helps = {
@@ -250,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         "precision": "auto | fp32 | bf16 | fp16", "compile": "torch.compile the networks (true/false)",
         "log_every": "steps between log lines", "checkpoint_every": "steps between checkpoints",
         "keep_checkpoints": "checkpoints to keep", "samples": "photos in the per-epoch sample grid",
+        "model": "objective: cyclegan (two generators, cycle loss) | cut | fastcut (one generator, PatchNCE; "
+                 "roughly a third of CycleGAN's compute per step)",
+        "lambda_nce": "PatchNCE weight (0: the paper's, 1 for cut, 10 for fastcut)",
+        "num_patches": "patches per layer in PatchNCE", "nce_t": "PatchNCE temperature",
+        "diffaugment": "DiffAugment policy on everything D sees, real and fake, in D and G steps: any of "
+                       "color,translation,cutout (empty: off)",
+        "ema": "keep an exponential moving average of G with this decay (e.g. 0.999; 0: off); "
+               "validation, samples and export use it",
+        "lr_d_mult": "discriminator learning rate = lr x this",
+        "eval_every": "steps between validations: KID of G(validation photos) vs the paintings, logged and "
+                      "used to keep RUN_DIR/best.safetensors (0: off; needs the eval extra)",
+        "val_photos": "folder of validation photos (default: hold out --val-fraction of --photos)",
+        "val_fraction": "share of --photos held out for validation (0: min(200 photos, 10%%))",
     }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "preset":
@@ -285,7 +147,34 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return preset_config(args.preset, **overrides)
 
 
+def resolve_folders(args: argparse.Namespace) -> tuple[Path, Path]:
+    """--photos and --paintings: required for a new run; a resumed run reads them from its config.json,
+    and a folder given on the command line wins (with a note when it differs)."""
+    saved = json.loads((args.out / "config.json").read_text()).get("folders", {}) if args.resume else {}
+    folders = []
+    for name in ("photos", "paintings"):
+        given, before = getattr(args, name), saved.get(name)
+        if given is None and before is None:
+            raise RunError(f"--{name} is required" + (" (the run folder does not name it)" if args.resume else ""))
+        if given is not None and before is not None and Path(given).resolve() != Path(before):
+            print(f"note: --{name} {given} differs from the run's {before}; using {given}", flush=True)
+        folders.append(Path(given if given is not None else before))
+    return folders[0], folders[1]
+
+
 def check_config(cfg: TrainConfig) -> None:
+    if cfg.model not in TRAINERS:
+        raise RunError(f"--model must be one of {', '.join(TRAINERS)}, not {cfg.model!r}")
+    if cfg.model != "cyclegan" and cfg.generator != "resnet":
+        raise RunError(f"--model {cfg.model} takes its features from the resnet generator; use --generator resnet")
+    try:
+        parse_policy(cfg.diffaugment)
+    except ValueError as exc:
+        raise RunError(f"--diffaugment: {exc}") from None
+    if not 0.0 <= cfg.ema < 1.0 or cfg.lr_d_mult <= 0 or cfg.nce_t <= 0 or cfg.lambda_nce < 0:
+        raise RunError("--ema must be in [0, 1); --lr-d-mult and --nce-t positive; --lambda-nce not negative")
+    if cfg.eval_every < 0 or not 0.0 <= cfg.val_fraction <= 0.5 or cfg.num_patches < 1:
+        raise RunError("--eval-every must not be negative, --val-fraction in [0, 0.5], --num-patches at least 1")
     if cfg.generator not in ("resnet", "unet"):
         raise RunError(f"--generator must be resnet or unet, not {cfg.generator!r}")
     if cfg.upsample not in ("transpose", "resize"):
@@ -318,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         check_config(cfg)
+        args.photos, args.paintings = resolve_folders(args)
         if args.device == "auto":
             device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         elif args.device == "cuda":
@@ -330,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             raise RunError(f"--device must be auto, cpu or cuda, not {args.device!r}")
         photos = scan_folder(args.photos, "photos", 0 if cfg.load_size else cfg.image_size)
         paintings = scan_folder(args.paintings, "paintings", 0 if cfg.load_size else cfg.image_size)
+        if cfg.val_photos:
+            val_files = scan_folder(cfg.val_photos, "validation photos").files
+        else:  # hold out a fixed part of the photos; training never sees them
+            photos.files, val_files = split_validation(photos.files, cfg.val_fraction)
         resume_state = None
         if args.resume:
             resume_state = load_checkpoint(latest_checkpoint(args.out), map_location="cpu")
@@ -339,13 +233,29 @@ def main(argv: list[str] | None = None) -> int:
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(cfg, args, device, photos, paintings, resume_state, rank, world_size, local_rank)
+        return train(cfg, args, device, photos, paintings, val_files, resume_state, rank, world_size, local_rank)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
 
 
-def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, local_rank) -> int:
+def make_validator(cfg: TrainConfig, device, val_files, paintings, amp_dtype) -> Validator | None:
+    """The run's validator, or None (with the reason printed once) when validation can't run."""
+    from training.evaluate import eval_extra_missing
+
+    if cfg.eval_every == 0:
+        return None
+    if len(val_files) < 2:
+        print("validation: off (fewer than 2 validation photos; pass --val-photos or more photos)", flush=True)
+        return None
+    if (missing := eval_extra_missing()) is not None:
+        print(f"validation: off (the eval extra is not installed: {missing})", flush=True)
+        return None
+    print(f"validation: KID on {len(val_files)} held-out photos every {cfg.eval_every} steps", flush=True)
+    return Validator(val_files, paintings.files, device, amp_dtype=amp_dtype)
+
+
+def train(cfg, args, device, photos, paintings, val_files, resume_state, rank, world_size, local_rank) -> int:
     main_rank = rank == 0
     out: Path = args.out
     if device.type == "cuda":
@@ -359,16 +269,22 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
     torch.manual_seed(cfg.seed)
     steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(photos.files) / (cfg.batch_size * world_size))
     total = total_steps_of(cfg, steps_per_epoch)
-    trainer = CycleGANTrainer(cfg, device, total, world_size, local_rank)
+    trainer: Trainer = TRAINERS[cfg.model](cfg, device, total, world_size, local_rank)
+    best = {"kid": float("inf"), "step": 0}
+    seconds_before = 0.0
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
+        best = resume_state.get("best", best)
+        seconds_before = float(resume_state.get("summary", {}).get("train_seconds", 0.0))
         del resume_state
     start = trainer.step_count
     stop_at = min(total, args.stop_at_step) if args.stop_at_step > 0 else total
 
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json()))
+        folders = {"photos": str(args.photos.resolve()), "paintings": str(args.paintings.resolve())}
+        saved = json.loads(cfg.to_json()) | {"folders": folders}
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2, sort_keys=True)))
         print(f"photos: {len(photos.files)} ({photos.skipped} unreadable skipped), paintings: "
               f"{len(paintings.files)} ({paintings.skipped} unreadable skipped); device {device}"
               f"{f' x{world_size}' if world_size > 1 else ''}, precision {trainer.amp_dtype or 'fp32'}; "
@@ -380,6 +296,7 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
                         pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=_quiet_worker,
                         prefetch_factor=4 if cfg.num_workers else None)
     sample_photos = torch.stack([dataset[(0, i)][0] for i in range(min(cfg.samples, len(dataset)))])
+    validator = make_validator(cfg, device, val_files, paintings, trainer.amp_dtype) if main_rank else None
 
     stopper = Stopper()
     summary = {"photos": len(photos.files), "paintings": len(paintings.files), "device": str(device.type),
@@ -390,33 +307,39 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
     if main_rank:
         from tqdm import tqdm
         bar = tqdm(total=stop_at, initial=start, unit="step", dynamic_ncols=True, disable=None)
-    running = torch.zeros(5, device=device)
+    running = torch.zeros(len(trainer.loss_names), device=device)
     t_log, n_log = time.perf_counter(), 0
-    t_start = time.perf_counter()
+    t_start, val_seconds = time.perf_counter(), [0.0]
+
+    def train_seconds() -> float:  # this run's training time over all its invocations, validation excluded
+        return seconds_before + time.perf_counter() - t_start - val_seconds[0]
 
     def checkpoint():
         if main_rank:
             state = trainer.state_dict()
-            state["summary"] = summary | {"train_seconds": round(time.perf_counter() - t_start, 1)}
+            state["summary"] = summary | {"train_seconds": round(train_seconds(), 1)}
+            state["best"] = best
             save_checkpoint(out, trainer.step_count, state, cfg.keep_checkpoints)
 
-    interrupted = False
+    interrupted = out_of_time = False
+    budget = args.max_minutes * 60 - seconds_before if args.max_minutes > 0 else float("inf")
     for photo_u8, monet_u8 in loader:
         running += trainer.step(trainer.to_input(photo_u8), trainer.to_input(monet_u8))
         step, n_log = trainer.step_count, n_log + 1
         if bar is not None:
             bar.update(1)
-        stop_now = stopper.requested
+        out_of_time = time.perf_counter() - t_start - val_seconds[0] >= budget
+        stop_now = stopper.requested or out_of_time
         if step % cfg.log_every == 0 or step == stop_at:
             if world_size > 1:  # ranks agree on stopping here, where they synchronise anyway
-                flag = torch.tensor([float(stopper.requested)], device=device)
+                flag = torch.tensor([float(stop_now)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stop_now = bool(flag.item())
             losses = (running / n_log).tolist()  # the one host sync per logging interval
             rate = n_log * cfg.batch_size * world_size / (time.perf_counter() - t_log)
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": trainer.sched_G.get_last_lr()[0],
                       "images_per_s": round(rate, 3)}
-            record |= dict(zip(("G_gan", "cycle", "identity", "D_photo", "D_monet"), (round(v, 5) for v in losses)))
+            record |= dict(zip(trainer.loss_names, (round(v, 5) for v in losses)))
             if main_rank:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -424,19 +347,24 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
                     for key, value in record.items():
                         if key != "step":
                             board.add_scalar(f"train/{key}", value, step)
-                bar.set_postfix(G=f"{losses[0]:.3f}", cyc=f"{losses[1]:.3f}", D=f"{losses[3] + losses[4]:.3f}",
-                                ips=f"{rate:.2f}")
+                bar.set_postfix(G=f"{losses[0]:.3f}", D=f"{sum(losses[len(losses) // 2 + 1:]):.3f}",
+                                ips=f"{rate:.2f}", **({"kid": f"{best['kid']:.4f}"} if best["step"] else {}))
             summary["final_losses"] = record
             running.zero_()
             t_log, n_log = time.perf_counter(), 0
         elif world_size > 1:
             stop_now = False  # only stop where all ranks agreed
-        if main_rank and (step % steps_per_epoch == 0 or step == stop_at):
+        last = step == stop_at or (stop_now and not stopper.requested)  # a signal means: save and go, quickly
+        if validator is not None and (step % cfg.eval_every == 0 or last):
+            t_val = time.perf_counter()
+            validate(trainer, validator, out, step, best, summary, metrics, board, train_seconds())
+            val_seconds[0] += time.perf_counter() - t_val
+        if main_rank and (step % steps_per_epoch == 0 or last):
             grid = trainer.sample_grid(sample_photos)
             path = out / "samples" / f"epoch_{math.ceil(step / steps_per_epoch):03d}_step_{step:08d}.png"
             from torchvision.utils import save_image
             atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
-        if step % cfg.checkpoint_every == 0 and step != stop_at:
+        if step % cfg.checkpoint_every == 0 and not stop_now and step != stop_at:
             checkpoint()
         if stop_now and step != stop_at:
             interrupted = True
@@ -453,6 +381,10 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
     if not main_rank:
         return 0
     step = trainer.step_count
+    if interrupted and out_of_time and not stopper.requested:
+        print(f"time budget of {args.max_minutes:g} minutes reached at step {step}; checkpoint saved. "
+              "Continue with --resume.", flush=True)
+        return 0
     if interrupted:
         print(f"interrupted at step {step}; checkpoint saved. Continue with --resume.", flush=True)
         return 0
@@ -465,6 +397,24 @@ def train(cfg, args, device, photos, paintings, resume_state, rank, world_size, 
     return 0
 
 
+def validate(trainer: Trainer, validator: Validator, out: Path, step: int, best: dict, summary: dict, metrics,
+             board, seconds: float) -> None:
+    """Score the generator on the validation photos; log it; keep RUN_DIR/best.safetensors the best so far."""
+    value = validator.kid(trainer.generator())
+    record = {"step": step, "val_kid": round(value, 6), "train_seconds": round(seconds, 1)}
+    if value < best["kid"]:
+        best.update(kid=value, step=step)
+        training = training_summary(trainer.cfg, {"step": step}) | summary | {"val_kid": value}
+        save_generator(out / "best.safetensors", trainer.generator(), training=training)
+        record["best"] = True
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    if board is not None:
+        board.add_scalar("val/kid", value, step)
+    tqdm_write = __import__("tqdm").tqdm.write
+    tqdm_write(f"step {step}: validation KID {value:.4f} (best {best['kid']:.4f} at step {best['step']})")
+
+
 def tensorboard_writer(out: Path):
     """A TensorBoard writer for RUN_DIR/tensorboard when the optional `tensorboard` package is installed."""
     try:
@@ -474,7 +424,7 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def check_ranks_identical(trainer: CycleGANTrainer, out: Path | None) -> None:
+def check_ranks_identical(trainer: Trainer, out: Path | None) -> None:
     """Compare a checksum of every rank's weights; record the verdict in RUN_DIR/ddp_check.json."""
     params = [p.detach().double().sum() for m in (trainer.gens, trainer.discs) for p in m.parameters()]
     mine = torch.stack(params).to(trainer.device)

@@ -1,0 +1,52 @@
+"""Zero-training baselines a generator must beat: Reinhard et al.'s (2001) colour transfer, which
+matches each photo's per-channel mean and standard deviation in CIE Lab to the paintings'."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from model.images import to_rgb
+
+_M = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+               [0.0193339, 0.1191920, 0.9503041]])
+_WHITE = np.array([0.95047, 1.0, 1.08883])  # D65
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB uint8 (..., 3) -> CIE Lab (D65) float64."""
+    c = rgb.astype(np.float64) / 255.0
+    lin = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = lin @ _M.T / _WHITE
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIE Lab (D65) -> sRGB uint8, clipped to the gamut."""
+    fy = (lab[..., 0] + 16) / 116
+    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], -1)
+    xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _WHITE
+    lin = np.clip(xyz @ np.linalg.inv(_M).T, 0, 1)
+    c = np.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
+    return np.clip(np.round(c * 255), 0, 255).astype(np.uint8)
+
+
+def lab_statistics(images) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel Lab mean and standard deviation over all pixels of an iterable of PIL images."""
+    total, total_sq, count = np.zeros(3), np.zeros(3), 0
+    for img in images:
+        lab = rgb_to_lab(np.asarray(to_rgb(img))).reshape(-1, 3)
+        total += lab.sum(0)
+        total_sq += (lab**2).sum(0)
+        count += len(lab)
+    mean = total / count
+    return mean, np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+
+
+def colour_transfer(image: Image.Image, target_mean: np.ndarray, target_std: np.ndarray) -> Image.Image:
+    """``image`` with its Lab mean and standard deviation per channel moved to the target's."""
+    lab = rgb_to_lab(np.asarray(to_rgb(image)))
+    mean = lab.reshape(-1, 3).mean(0)
+    std = lab.reshape(-1, 3).std(0)
+    out = (lab - mean) / np.maximum(std, 1e-6) * target_std + target_mean
+    return Image.fromarray(lab_to_rgb(out), "RGB")

@@ -1,0 +1,153 @@
+"""The CUT / FastCUT objective (Park et al., 2020, "Contrastive Learning for Unpaired Image-to-Image
+Translation"): one generator, one discriminator, and a PatchNCE loss in place of the cycle.
+
+A patch of the painting G(x) should be closer, in G's own encoder features passed through small MLP
+heads, to the patch of the photo x at the same place than to other patches of x. Features come from
+five layers of the ResNet generator, as in the paper: the RGB pixels, the first and second
+downsampling convolutions, and the first and fifth residual blocks.
+
+- CUT:     lambda_NCE 1, plus the identity NCE on G(painting) vs painting.
+- FastCUT: lambda_NCE 10, no identity term: about a third of CycleGAN's compute per step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.networks import PatchDiscriminator, ResnetGenerator, build_generator, init_weights
+from training.config import TrainConfig, generator_settings
+from training.trainer import Trainer
+
+
+def nce_layers(generator: ResnetGenerator) -> list[int]:
+    """Indices into ``generator.model`` whose outputs PatchNCE compares (the paper's five layers)."""
+    n_blocks = generator.settings["n_blocks"]
+    first_block = 10  # pad, conv, norm, relu, (conv, norm, relu) x 2 downsamplings
+    return [0, 4, 7, first_block, first_block + min(4, n_blocks - 1)]
+
+
+class PatchSampleF(nn.Module):
+    """Samples the same ``num_patches`` places from query and key features and projects each layer's
+    patches with its own 2-layer MLP (256 units) to unit vectors."""
+
+    def __init__(self, channels: list[int], nc: int = 256):
+        super().__init__()
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(c, nc), nn.ReLU(), nn.Linear(nc, nc)) for c in channels)
+        for mlp in self.mlps:
+            for m in mlp:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0.0, 0.02)
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, feats: list[torch.Tensor], num_patches: int, patch_ids: list[torch.Tensor] | None = None):
+        out, ids = [], []
+        for i, (feat, mlp) in enumerate(zip(feats, self.mlps)):
+            flat = feat.flatten(2).transpose(1, 2)  # B, HW, C
+            if patch_ids is None:
+                idx = torch.randperm(flat.shape[1], device=feat.device)[: min(num_patches, flat.shape[1])]
+            else:
+                idx = patch_ids[i]
+            sample = mlp(flat[:, idx, :].flatten(0, 1).float())  # B*P, nc
+            out.append(F.normalize(sample, dim=1))
+            ids.append(idx)
+        return out, ids
+
+
+def patch_nce_loss(q: torch.Tensor, k: torch.Tensor, batch: int, temperature: float) -> torch.Tensor:
+    """InfoNCE over patches: each query's positive is the key at its place; negatives are the other
+    patches of the same image. ``q``, ``k``: (batch * patches, dim). Returns the mean loss."""
+    k = k.detach()
+    dim = q.shape[1]
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    qb, kb = q.view(batch, -1, dim), k.view(batch, -1, dim)
+    p = qb.shape[1]
+    l_neg = torch.bmm(qb, kb.transpose(1, 2))  # B, P, P
+    eye = torch.eye(p, dtype=torch.bool, device=q.device)[None]
+    l_neg = l_neg.masked_fill(eye, -10.0).view(-1, p)
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=q.device))
+
+
+class CUTGenerator(nn.Module):
+    """G and the MLP heads H, run together so one forward call does all of the generator step's work."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        if cfg.generator != "resnet":
+            raise ValueError("CUT and FastCUT take their features from the ResNet generator; use --generator resnet")
+        self.G = init_weights(build_generator("resnet", **generator_settings(cfg)))
+        self.layers = nce_layers(self.G)
+        with torch.no_grad():
+            channels = [f.shape[1] for f in self.encode(torch.zeros(1, 3, 32, 32))]
+        self.H = PatchSampleF(channels)
+        self.num_patches, self.temperature = cfg.num_patches, cfg.nce_t
+        self.nce_idt = cfg.model == "cut"  # FastCUT drops the identity term
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i, layer in enumerate(self.G.model[: self.layers[-1] + 1]):
+            x = layer(x)
+            if i in self.layers:
+                feats.append(x)
+        return feats
+
+    def forward(self, photo: torch.Tensor, monet: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = photo.shape[0]
+        x = torch.cat([photo, monet]) if self.nce_idt else photo
+        feats_k, h = [], x  # G's forward, keeping the key features on the way
+        for i, layer in enumerate(self.G.model):
+            h = layer(h)
+            if i in self.layers:
+                feats_k.append(h)
+        out = h
+        feats_q = self.encode(out)
+        k, ids = self.H(feats_k, self.num_patches)
+        q, _ = self.H(feats_q, self.num_patches, ids)
+        losses = [patch_nce_loss(qq, kk, len(x), self.temperature) for qq, kk in zip(q, k)]
+        # with identity, the batch holds photos then paintings; the mean over both is (NCE + NCE_Y) / 2
+        return {"fake_monet": out[:n], "idt_monet": out[n:] if self.nce_idt else None,
+                "nce": torch.stack(losses).mean()}
+
+
+class CUTTrainer(Trainer):
+    """One generator, one PatchGAN discriminator, PatchNCE. ``step`` does one CUT/FastCUT update."""
+
+    loss_names = ("G_gan", "nce", "D_monet")
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1,
+                 local_rank: int | None = None):
+        super().__init__(cfg, device, total_steps, world_size, local_rank)
+        self.setup(CUTGenerator(cfg), init_weights(PatchDiscriminator(ndf=cfg.ndf)))
+
+    def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
+        gan, aug = self.gan_loss, self.augment
+        n = photo.shape[0]
+        self.discs.requires_grad_(False)
+        self.opt_G.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.gens_run(photo, monet)
+            loss_gan = gan(self.discs_plain(aug(out["fake_monet"])), True)
+            loss_nce = out["nce"] * self.cfg.lambda_nce
+            loss_G = loss_gan + loss_nce
+        self.scaler.scale(loss_G).backward()
+        self.scaler.step(self.opt_G)
+        self.discs.requires_grad_(True)
+        self.opt_D.zero_grad(set_to_none=True)
+        with self.autocast():
+            d = self.discs_run(aug(torch.cat([monet, out["fake_monet"].detach().to(monet.dtype)])))
+            loss_D = 0.5 * (gan(d[:n], True) + gan(d[n:], False))
+        self.scaler.scale(loss_D).backward()
+        self.scaler.step(self.opt_D)
+        self.finish_step()
+        return torch.stack([loss_gan, loss_nce, loss_D]).detach().float()
+
+    @torch.no_grad()
+    def sample_grid(self, photos: torch.Tensor) -> torch.Tensor:
+        """Rows of photo | Monet-fied, as a [0, 1] image tensor."""
+        from torchvision.utils import make_grid
+
+        x = self.to_input(photos)
+        fake = self.generator()(x)
+        rows = torch.stack([x, fake.float()], dim=1).flatten(0, 1)
+        return make_grid(rows.cpu(), nrow=2, normalize=True, value_range=(-1, 1), padding=2)
