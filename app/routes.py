@@ -40,14 +40,16 @@ def service_of(request: Request) -> PaintingService:
                               "description": "the Monet-style painting, same size and orientation as the upload"},
                         **ERRORS})
 async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | None = Query(
-        None, description="output format; otherwise chosen from the Accept header (default png)")) -> Response:
+        None, description="output format; otherwise chosen from the Accept header (default png)"),
+        strength: float = Query(1.0, ge=0.0, le=1.0, description="how much painting: 1 the painting, 0 the photo, "
+                                "in between a blend of the two")) -> Response:
     """Paint the uploaded photo in Monet's style (multipart field `image`, or a raw image/* body)."""
     service = service_of(request)
     fmt = negotiate(format, request.headers.get("accept"), service.settings.default_format)
     if fmt is None:
         raise ServiceError(406, "none of the Accept header's types can be produced; accept image/png, image/jpeg or image/webp")
     data = await image_bytes(request, service.settings.max_upload_bytes)
-    painting = await service.paint(data, fmt, gone=request.is_disconnected)
+    painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength)
     t = painting.timing
     return Response(painting.data, media_type=painting.media_type, headers={
         "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.batcher import Batcher, DeadlineExceeded, QueueFull, Timing
 from app.config import Settings
-from app.imaging import FORMATS, ImageRejected, decode_upload, encode
+from app.imaging import FORMATS, ImageRejected, blend, decode_upload, encode
 from app.observability import Metrics
 from model.translator import Translator
 
@@ -84,8 +84,9 @@ class PaintingService:
             "limits": {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side},
         }
 
-    async def paint(self, data: bytes, fmt: str, gone=None) -> Painting:
-        """Decode ``data``, translate it through the batcher, encode as ``fmt``. Raises ServiceError."""
+    async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0) -> Painting:
+        """Decode ``data``, translate it through the batcher, blend ``strength`` of the painting with the
+        photo, encode as ``fmt``. Raises ServiceError."""
         if self.batcher is None:
             detail = f"the model is not loaded: {self.load_error}" if self.load_error else "the model is still loading"
             raise ServiceError(503, detail, {"Retry-After": "5"})
@@ -100,5 +101,5 @@ class PaintingService:
             raise ServiceError(503, f"the service is busy ({exc}); retry shortly", {"Retry-After": "1"}) from None
         except DeadlineExceeded as exc:
             raise ServiceError(504, f"the request timed out before its turn ({exc})") from None
-        body = await run_in_threadpool(encode, result, fmt)
+        body = await run_in_threadpool(lambda: encode(blend(image, result, strength), fmt))
         return Painting(body, FORMATS[fmt][1], timing, image)

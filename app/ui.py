@@ -22,7 +22,7 @@ OUTPUTS = Path(tempfile.gettempdir()) / "monet-cyclegan-ui"
 
 
 def build_ui(service: PaintingService) -> gr.Blocks:
-    async def paint(upload: dict | None):
+    async def paint(upload: dict | None, strength: float | None = 100):
         # the event runs with preprocess=False: gr.Image would open the file with PIL first and fail with
         # its own message; this way every upload gets the service's limits and messages, as on REST
         path = (upload or {}).get("path")
@@ -30,7 +30,7 @@ def build_ui(service: PaintingService) -> gr.Blocks:
             raise gr.Error("Upload, paste or take a photo first.")
         data = Path(path).read_bytes()
         try:
-            painting = await service.paint(data, "png")
+            painting = await service.paint(data, "png", strength=min(max(float(100 if strength is None else strength), 0.0), 100.0) / 100.0)
         except ServiceError as exc:
             raise gr.Error(exc.detail) from None
         OUTPUTS.mkdir(parents=True, exist_ok=True)
@@ -47,12 +47,14 @@ def build_ui(service: PaintingService) -> gr.Blocks:
                              sources=["upload", "clipboard", "webcam"], elem_id="photo")
             slider = gr.ImageSlider(label="Photo | Monet", type="filepath", format="png", elem_id="result")
         with gr.Row():
+            strength = gr.Slider(0, 100, value=100, step=5, label="Strength (% painting, the rest photo)",
+                                 elem_id="strength")
             button = gr.Button("Paint it", variant="primary", elem_id="paint")
             download = gr.File(label="Download the painting (lossless PNG)", elem_id="download")
         examples = sorted(str(p) for p in EXAMPLES.glob("*.jpg"))
         if examples:
             gr.Examples(examples=examples, inputs=photo, label="Example photos (see app/examples/CREDITS.md)")
-        button.click(paint, inputs=photo, outputs=[slider, download], api_name="translate", preprocess=False,
+        button.click(paint, inputs=[photo, strength], outputs=[slider, download], api_name="translate", preprocess=False,
                      concurrency_limit=service.settings.max_batch_size)
     return demo
 

@@ -181,3 +181,23 @@ def test_the_service_on_its_default_weights():
         assert c.get("/info").json()["model"]["training"]["preset"] == "cpu"
         out = decoded(c.post("/translate", files={"image": ("p.jpg", encode(photo(64, 40)), "image/jpeg")}))
         assert out.size == (64, 40)
+
+
+def test_strength_blends_photo_and_painting_after_the_network(client):
+    src = photo(64, 48, seed=3)
+    data = encode(src, "PNG")
+    raw = np.asarray(src, dtype=np.int16)
+
+    def paint(**params):
+        r = client.post("/translate", params={"format": "png", **params}, content=data,
+                        headers={"content-type": "image/png"})
+        return np.asarray(decoded(r), dtype=np.int16)
+
+    full, default, none, half = paint(strength=1), paint(), paint(strength=0), paint(strength=0.5)
+    assert np.array_equal(full, default)  # 1 is the plain painting, and the default
+    assert np.abs(none - raw).max() <= 1  # 0 gives back the input, up to rounding
+    assert np.abs(full - raw).mean() > 5  # (the painting does differ from the photo)
+    assert np.abs(half - (raw + full) / 2).max() <= 1
+    for bad in ("-0.1", "1.5", "nan", "strong"):
+        r = client.post("/translate", params={"strength": bad}, content=data, headers={"content-type": "image/png"})
+        assert r.status_code == 422 and "strength" in str(r.json()["detail"]), (bad, r.text)
