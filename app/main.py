@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from app.config import Settings
 from app.observability import Metrics, ObservabilityMiddleware
@@ -23,8 +24,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await service.stop()
 
-    app = FastAPI(title="monet-cyclegan", version="0.1.0", lifespan=lifespan,
-                  description="Turn photos into paintings in Claude Monet's style. POST an image to /translate.")
+    # FastAPIOffline serves Swagger UI (/docs) and ReDoc (/redoc) from files inside its wheel, not a CDN
+    app = FastAPIOffline(title="monet-cyclegan", version="0.1.0", lifespan=lifespan, favicon_url="/favicon.ico",
+                         description="Turn photos into paintings in Claude Monet's style. POST an image to /translate.")
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.include_router(router)
 

@@ -1,10 +1,11 @@
 """HTTP routes: parse, call the service, encode. Nothing else lives here."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.imaging import negotiate
@@ -81,6 +82,30 @@ async def info(request: Request) -> dict:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> FileResponse:
+    return FileResponse(STATIC / "favicon.png", media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+
+@router.get("/manifest.json", include_in_schema=False)
+async def manifest() -> JSONResponse:
+    """The web app manifest browsers ask for with the UI."""
+    return JSONResponse({"name": "Monet-style photos", "short_name": "Monet", "start_url": "/ui/",
+                         "display": "standalone", "icons": [{"src": "/favicon.ico", "sizes": "64x64",
+                                                             "type": "image/png"}]})
+
+
+@router.get("/gradio_api/file={path:path}", include_in_schema=False)
+async def ui_file_without_prefix(path: str, request: Request) -> RedirectResponse:
+    """Gradio's front end asks for example thumbnails without the /ui mount prefix (gradio-app/gradio#11848);
+    send it to where the UI serves them (the UI's own checks on which files it may serve still apply)."""
+    query = f"?{request.url.query}" if request.url.query else ""
+    return RedirectResponse(f"/ui/gradio_api/file={path}{query}", status_code=307)
 
 
 @router.get("/", include_in_schema=False)

@@ -18,7 +18,13 @@ from PIL import Image  # noqa: E402
 from app.service import PaintingService, ServiceError  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
+FAVICON = Path(__file__).resolve().parent / "static" / "favicon.png"
 OUTPUTS = Path(tempfile.gettempdir()) / "monet-cyclegan-ui"
+
+
+CSS = """
+#download { height: 124px !important; max-height: 124px; overflow: hidden; }
+"""
 
 
 def build_ui(service: PaintingService) -> gr.Blocks:
@@ -26,11 +32,13 @@ def build_ui(service: PaintingService) -> gr.Blocks:
         # the event runs with preprocess=False: gr.Image would open the file with PIL first and fail with
         # its own message; this way every upload gets the service's limits and messages, as on REST
         path = (upload or {}).get("path")
-        if not path:
-            raise gr.Error("Upload, paste or take a photo first.")
+        if not path:  # a toast only: gr.Error would also mark both output panels as failed
+            gr.Warning("Upload, paste or take a photo first.")
+            return gr.skip(), gr.skip()
         data = Path(path).read_bytes()
+        share = min(max(float(100 if strength is None else strength), 0.0), 100.0) / 100.0
         try:
-            painting = await service.paint(data, "png", strength=min(max(float(100 if strength is None else strength), 0.0), 100.0) / 100.0)
+            painting = await service.paint(data, "png", strength=share)
         except ServiceError as exc:
             raise gr.Error(exc.detail) from None
         OUTPUTS.mkdir(parents=True, exist_ok=True)
@@ -42,24 +50,28 @@ def build_ui(service: PaintingService) -> gr.Blocks:
 
     with gr.Blocks(title="Monet-style photos", analytics_enabled=False) as demo:
         gr.Markdown("## Paint your photo like Claude Monet\nUpload, paste or take a photo; drag the slider to compare.")
-        with gr.Row():
-            photo = gr.Image(label="Your photo", type="filepath", image_mode=None,
-                             sources=["upload", "clipboard", "webcam"], elem_id="photo")
-            slider = gr.ImageSlider(label="Photo | Monet", type="filepath", format="png", elem_id="result")
-        with gr.Row():
-            strength = gr.Slider(0, 100, value=100, step=5, label="Strength (% painting, the rest photo)",
-                                 elem_id="strength")
-            button = gr.Button("Paint it", variant="primary", elem_id="paint")
-            download = gr.File(label="Download the painting (lossless PNG)", elem_id="download")
+        # two columns of fixed height that wrap (stack) when the window is narrower than both minimum widths
+        with gr.Row(equal_height=False):
+            with gr.Column(min_width=360):
+                photo = gr.Image(label="Your photo", type="filepath", image_mode=None, height=440,
+                                 sources=["upload", "clipboard", "webcam"], elem_id="photo")
+                strength = gr.Slider(0, 100, value=100, step=5, label="Strength (% painting, the rest photo)",
+                                     elem_id="strength")
+                button = gr.Button("Paint it", variant="primary", elem_id="paint")
+            with gr.Column(min_width=360):
+                slider = gr.ImageSlider(label="Photo | Monet", type="filepath", format="png", height=440,
+                                        elem_id="result")
+                download = gr.File(label="Download the painting (lossless PNG)", height=90, elem_id="download")
         examples = sorted(str(p) for p in EXAMPLES.glob("*.jpg"))
         if examples:
-            gr.Examples(examples=examples, inputs=photo, label="Example photos (see app/examples/CREDITS.md)")
-        button.click(paint, inputs=[photo, strength], outputs=[slider, download], api_name="translate", preprocess=False,
-                     concurrency_limit=service.settings.max_batch_size)
+            gr.Examples(examples=examples, inputs=photo, label="Example photos",
+                        elem_id="examples")
+        button.click(paint, inputs=[photo, strength], outputs=[slider, download], api_name="translate",
+                     preprocess=False, concurrency_limit=service.settings.max_batch_size)
     return demo
 
 
 def mount_ui(app: FastAPI, service: PaintingService) -> FastAPI:
     return gr.mount_gradio_app(app, build_ui(service), path="/ui", footer_links=["api"], run_history=False,
                                max_file_size=service.settings.max_upload_bytes, ssr_mode=False,
-                               allowed_paths=[str(EXAMPLES)])
+                               allowed_paths=[str(EXAMPLES)], css=CSS, favicon_path=str(FAVICON))

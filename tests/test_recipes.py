@@ -234,3 +234,11 @@ def test_evaluate_colour_baseline(folders):
     assert colour["fid"] < raw["fid"]
     r = run_module(*args, "--baseline", "colour", "--weights", "x.safetensors")
     assert r.returncode == 2 and "give one of them" in r.stderr
+
+
+def test_faithful_presets_keep_the_recipe_tools_off():
+    for name in ("cyclegan", "kaggle"):
+        cfg = preset_config(name)
+        assert (cfg.model, cfg.diffaugment, cfg.ema, cfg.lr_d_mult) == ("cyclegan", "", 0.0, 1.0), name
+    cpu = preset_config("cpu")
+    assert cpu.model == "fastcut" and cpu.lambda_nce == 10.0 and cpu.diffaugment and cpu.ema == 0.999

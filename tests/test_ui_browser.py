@@ -1,49 +1,125 @@
-"""The Gradio UI in a real headless Chromium: upload a photo, get a painting, take a screenshot."""
+"""The Gradio UI and the API docs in a real headless Chromium: examples, upload, painting, layout, offline."""
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from model.weights import save_generator
-from tests.conftest import Server, photo, small_generator
+from tests.conftest import ROOT, Server, photo, small_generator
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here")
 
 
-def test_upload_and_paint_in_the_browser(tmp_path):
+def artifacts_dir():
+    """Where screenshots go: $MONET_SCREENSHOT_DIR, else test-artifacts/ (git-ignored)."""
+    folder = Path(os.environ.get("MONET_SCREENSHOT_DIR") or ROOT / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    assert CHROMIUM, "CI installs Debian's chromium (.ci/run)"
+    weights = tmp_path_factory.mktemp("w") / "g.safetensors"
+    save_generator(weights, small_generator())
+    srv = Server(weights).wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def browser():
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM, "CI installs Debian's chromium (.ci/run)"
-    weights = tmp_path / "g.safetensors"
-    save_generator(weights, small_generator())
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update"])
+        yield b
+        b.close()
+
+
+class Watch:
+    """A page's requests that left the server, and its answers with a 4xx/5xx status."""
+
+    def __init__(self, page, base: str):
+        self.external, self.failed = [], []
+        page.on("request", lambda r: self.external.append(r.url) if not r.url.startswith(
+            (base, "data:", "blob:")) else None)
+        page.on("response", lambda r: self.failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+
+
+def top(page, selector: str) -> float:
+    return page.locator(selector).first.bounding_box()["y"]
+
+
+def test_upload_and_paint_in_the_browser(server, browser, tmp_path):
     src = tmp_path / "my photo.jpg"
     photo(120, 80).save(src)
-    server = Server(weights).wait_ready()
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            external = []
-            page.on("request", lambda r: external.append(r.url) if not r.url.startswith(
-                (server.url, "data:", "blob:")) else None)
-            page.goto(server.url + "/", wait_until="networkidle")
-            assert page.url.endswith("/ui/")
-            page.locator("#photo input[type=file]").set_input_files(str(src))
-            page.locator("#paint").click()
-            result = page.locator("#result img")
-            result.first.wait_for(state="visible", timeout=60_000)
-            page.locator("#download a").first.wait_for(timeout=60_000)
-            shot = tmp_path / "ui.png"
-            page.screenshot(path=str(shot), full_page=True)
-            browser.close()
-        with Image.open(shot) as img:
-            assert img.size[0] >= 1280
-        assert external == [], f"the UI reached outside the server: {external[:5]}"
-        if os.environ.get("MONET_SCREENSHOT_DIR"):
-            shutil.copy(shot, os.environ["MONET_SCREENSHOT_DIR"])
-    finally:
-        server.stop()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    watch = Watch(page, server.url)
+    page.goto(server.url + "/", wait_until="networkidle")
+    assert page.url.endswith("/ui/")
+    page.locator("#photo input[type=file]").set_input_files(str(src))
+    button_before = top(page, "#paint")
+    page.locator("#paint").click()
+    page.locator("#result img").first.wait_for(state="visible", timeout=60_000)
+    page.locator("#download a").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(300)
+    assert abs(top(page, "#paint") - button_before) < 4, "the layout jumped when the result arrived"
+    shot = artifacts_dir() / "ui-1400.png"
+    page.screenshot(path=str(shot), full_page=True)
+    with Image.open(shot) as img:
+        assert img.size[0] >= 1400
+    assert watch.external == [], f"the UI reached outside the server: {watch.external[:5]}"
+    assert watch.failed == [], watch.failed
+
+
+def test_example_photo_loads_and_paints(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    watch = Watch(page, server.url)
+    page.goto(server.url + "/ui/", wait_until="networkidle")
+    page.locator("#examples button, #examples .gallery-item").first.click()
+    shown = page.locator("#photo img").first
+    shown.wait_for(state="visible", timeout=30_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=shown.element_handle(),
+                           timeout=30_000)
+    page.locator("#paint").click()
+    page.locator("#download a").first.wait_for(timeout=60_000)
+    assert watch.failed == [], watch.failed
+    assert watch.external == [], watch.external
+
+
+def test_no_photo_gives_a_toast_and_no_error_badges(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server.url + "/ui/", wait_until="networkidle")
+    page.locator("#paint").click()
+    page.get_by_text("Upload, paste or take a photo first.").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(500)
+    for panel in ("#result", "#download"):
+        assert "Error" not in page.locator(panel).first.inner_text(), panel
+
+
+def test_narrow_screen_stacks_the_columns(server, browser):
+    page = browser.new_page(viewport={"width": 420, "height": 900})
+    watch = Watch(page, server.url)
+    page.goto(server.url + "/ui/", wait_until="networkidle")
+    photo_box = page.locator("#photo").first.bounding_box()
+    result_box = page.locator("#result").first.bounding_box()
+    assert result_box["y"] >= photo_box["y"] + photo_box["height"], (photo_box, result_box)
+    page.screenshot(path=str(artifacts_dir() / "ui-420.png"), full_page=True)
+    assert watch.failed == [], watch.failed
+
+
+def test_api_docs_render_offline(server, browser):
+    for path, ready in (("/docs", ".opblock"), ("/redoc", "[data-section-id]")):
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        watch = Watch(page, server.url)
+        page.goto(server.url + path, wait_until="networkidle")
+        page.locator(ready).first.wait_for(timeout=30_000)
+        assert "/translate" in page.content(), path
+        assert watch.external == [], (path, watch.external)
+        assert watch.failed == [], (path, watch.failed)

@@ -80,10 +80,12 @@ PRESETS: dict[str, dict] = {
         generator="unet", gan_loss="bce", pool_size=0, decay="none", load_size=0, flip=False,
         epochs=25, steps_per_epoch=300,
     ),
-    # Our recipe for 2 CPU cores and at most ~2.5 hours; see README "Training on a CPU".
+    # Our recipe for 2 CPU cores, about an hour of training; chosen by equal-time screening
+    # (docs/experiments.md): FastCUT with DiffAugment and an EMA generator, small ResNet on 128-pixel crops.
     "cpu": dict(
+        model="fastcut", diffaugment="color,translation,cutout", ema=0.999,
         ngf=32, n_blocks=6, upsample="resize", load_size=0, image_size=128, batch_size=4, lr=1e-4, num_workers=1,
-        epochs=6, steps_per_epoch=500, log_every=25, checkpoint_every=250,
+        epochs=18, steps_per_epoch=500, log_every=25, checkpoint_every=500, eval_every=1000,
     ),
 }
 

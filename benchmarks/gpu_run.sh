@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one prepared GPU session: train the winning recipe at full scale for a fixed time, then time
+# training and inference on CUDA. Everything it reports lands in $OUT (at most 8 files, each small).
+#
+#   benchmarks/prepare_gpu_data.sh PHOTOS PAINTINGS   # here: copies a subset into .data/gpu (git-ignored)
+#   OUT=/tmp/out benchmarks/gpu_run.sh [MINUTES]       # there: run with carry [".data/gpu"]
+#
+# Tested on CPU with a tiny budget: SMOKE=1 OUT=/tmp/out benchmarks/gpu_run.sh 0.2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+minutes=${1:-7}
+out=${OUT:?set OUT to the folder whose files come back}
+data=${GPU_DATA:-.data/gpu}
+run=runs/gpu_fit
+mkdir -p "$out"
+rm -rf "$run"
+small=()
+bench_small=()
+model_args=(--seconds 5 --batches 1,8,32,64)
+if [ "${SMOKE:-0}" = 1 ]; then  # a CPU check of this script: tiny networks and crops
+  small=(--ngf 8 --n-blocks 1 --ndf 8 --image-size 64 --batch-size 2 --num-workers 0 --eval-every 5)
+  bench_small=(--small --image-size 64)
+  model_args=(--seconds 0.5 --batches 1,2 --ngf 8 --n-blocks 1)
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
+
+# the winning recipe (docs/experiments.md) at full scale: the paper's 9-block generator, 256x256 crops of
+# 286x286 resizes, batch 8 (lr scaled by sqrt(8)), a fixed 10,000-step schedule cut off by --max-minutes
+python -m training.fit --photos "$data/photo" --paintings "$data/monet" --out "$run" --preset cpu \
+  --ngf 64 --n-blocks 9 --image-size 256 --load-size 286 --batch-size 8 --num-workers 8 \
+  --steps 10000 --eval-every 500 --log-every 50 --checkpoint-every 2000 --max-minutes "$minutes" \
+  "${small[@]}" > "$out/fit.log" 2>&1 || { tail -20 "$out/fit.log"; exit 1; }
+cp "$run/best.safetensors" "$out/best.safetensors"
+grep val_kid "$run/metrics.jsonl" > "$out/val_curve.jsonl" || true
+
+python benchmarks/bench_train.py --presets cpu,cyclegan --models cyclegan,fastcut --steps "${BENCH_STEPS:-10}" \
+  "${bench_small[@]}" > "$out/bench_train.txt" 2>&1 || true
+python benchmarks/bench_model.py "${model_args[@]}" > "$out/bench_model.txt" 2>&1 || true
+tail -3 "$out/fit.log"
+ls -la "$out"
