@@ -24,8 +24,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await service.stop()
 
-    # FastAPIOffline serves Swagger UI (/docs) and ReDoc (/redoc) from files inside its wheel, not a CDN
+    # FastAPIOffline serves Swagger UI (/docs) from files inside its wheel, not a CDN. ReDoc is dropped: its
+    # page still fetches its logo from cdn.redoc.ly.
     app = FastAPIOffline(title="monet-cyclegan", version="0.1.0", lifespan=lifespan, favicon_url="/favicon.ico",
+                         redoc_url=None,
                          description="Turn photos into paintings in Claude Monet's style. POST an image to /translate.")
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.include_router(router)
