@@ -69,7 +69,9 @@ async def readyz(request: Request):
     service = service_of(request)
     if service.ready:
         return {"status": "ready"}
-    return JSONResponse({"detail": service.load_error or "loading"}, status_code=503, headers={"Retry-After": "5"})
+    if service.load_error:  # permanent: no Retry-After; the reason is also in /info and the log
+        return JSONResponse({"detail": f"the model could not be loaded: {service.load_error}"}, status_code=503)
+    return JSONResponse({"detail": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
 
 @router.get("/info")

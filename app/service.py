@@ -12,7 +12,7 @@ from app.batcher import Batcher, DeadlineExceeded, QueueFull, Timing
 from app.config import Settings
 from app.imaging import FORMATS, ImageRejected, blend, decode_upload, encode
 from app.observability import Metrics
-from model.translator import Translator
+from model.translator import NonFiniteOutput, Translator
 
 log = logging.getLogger("monet.service")
 
@@ -88,8 +88,9 @@ class PaintingService:
         """Decode ``data``, translate it through the batcher, blend ``strength`` of the painting with the
         photo, encode as ``fmt``. Raises ServiceError."""
         if self.batcher is None:
-            detail = f"the model is not loaded: {self.load_error}" if self.load_error else "the model is still loading"
-            raise ServiceError(503, detail, {"Retry-After": "5"})
+            if self.load_error:  # permanent until an operator fixes the weights: no Retry-After
+                raise ServiceError(503, f"the model could not be loaded and this replica cannot serve: {self.load_error}")
+            raise ServiceError(503, "the model is still loading", {"Retry-After": "5"})
         s = self.settings
         try:
             image: np.ndarray = await run_in_threadpool(decode_upload, data, s.max_pixels, s.max_side)
@@ -101,5 +102,8 @@ class PaintingService:
             raise ServiceError(503, f"the service is busy ({exc}); retry shortly", {"Retry-After": "1"}) from None
         except DeadlineExceeded as exc:
             raise ServiceError(504, f"the request timed out before its turn ({exc})") from None
+        except NonFiniteOutput as exc:  # the weights' fault, not the client's
+            log.error("non-finite output: %s", exc)
+            raise ServiceError(500, f"server fault: {exc}") from None
         body = await run_in_threadpool(lambda: encode(blend(image, result, strength), fmt))
         return Painting(body, FORMATS[fmt][1], timing, image)

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from model.images import IMAGE_EXTENSIONS
-from model.translator import DEFAULT_WEIGHTS, Translator
+from model.translator import DEFAULT_WEIGHTS, NonFiniteOutput, Translator
 from model.weights import WeightsError, atomic_write
 
 FORMATS = {"png": ("PNG", ".png", {}), "jpeg": ("JPEG", ".jpg", {"quality": 95}), "webp": ("WEBP", ".webp", {"lossless": True})}
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         translator = Translator.from_file(args.weights, device=args.device, max_batch=args.batch_size)
-    except (WeightsError, ValueError) as exc:
+    except (WeightsError, ValueError, NonFiniteOutput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     files, problems = collect_inputs(args.inputs)
@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                 except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
                     problems.append(f"{path}: unreadable image ({exc})")
                     tqdm.write(f"warning: skipping {path}: unreadable image", file=sys.stderr)
-            for rel, painting in zip(chunk, translator.translate(images, max_side=args.max_side)):
+            try:
+                paintings = translator.translate(images, max_side=args.max_side)
+            except NonFiniteOutput as exc:  # nothing half-written: files so far are complete, the rest untouched
+                print(f"error: {args.weights}: {exc}", file=sys.stderr)
+                return 2
+            for rel, painting in zip(chunk, paintings):
                 target = args.out / rel.with_suffix(ext)
                 atomic_write(target, lambda tmp: painting.save(tmp, pil_format, **save_kw))
                 written.append((target, rel.with_suffix(ext).as_posix()))

@@ -55,6 +55,16 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+class NonFiniteOutput(RuntimeError):
+    """The generator produced NaN or Inf for a batch: a fault of the weights, never of the input image."""
+
+
+def _check_finite(y: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(y).all()):
+        raise NonFiniteOutput("the generator produced non-finite values (NaN or Inf); its weights are unusable")
+    return y
+
+
 class Translator:
     """Turns photos into Monet-style paintings with one generator. Safe to call from many threads.
 
@@ -87,10 +97,14 @@ class Translator:
     def from_file(cls, path: str | os.PathLike = DEFAULT_WEIGHTS, device: str = "auto", **kwargs) -> "Translator":
         """Load a weight file (see model.weights) and prepare it on ``device``.
 
-        Raises WeightsError for an unusable file, ValueError for an unusable device.
+        Raises WeightsError for an unusable file, ValueError for an unusable device, NonFiniteOutput
+        when the warm-up pass gives NaN or Inf.
         """
         generator, info = load_generator(path)
-        return cls(generator, info, device=device, **kwargs)
+        try:
+            return cls(generator, info, device=device, **kwargs)
+        except NonFiniteOutput as exc:  # the warm-up pass caught it: name the file
+            raise NonFiniteOutput(f"{path}: {exc}") from None
 
     # -- public API -------------------------------------------------------------------------
     def translate(self, images: list[Image.Image], max_side: int | None = None) -> list[Image.Image]:
@@ -114,7 +128,7 @@ class Translator:
         """Translate a uint8 array of shape (N, H, W, 3) of same-size RGB images; returns the same shape."""
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
-            y = self._forward(x.float().div_(127.5).sub_(1.0))
+            y = _check_finite(self._forward(x.float().div_(127.5).sub_(1.0)))
             y = y.float().add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
             return y.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -132,7 +132,7 @@ def load_generator(path: str | os.PathLike) -> tuple[nn.Module, GeneratorInfo]:
     """Build the generator a weight file describes and load its tensors (fp32, CPU, eval mode).
 
     Raises WeightsError naming the file for a missing, truncated or corrupt file, an unknown
-    architecture, or tensors that don't match the described network.
+    architecture, tensors that don't match the described network, or a tensor holding NaN or Inf.
     """
     info, tensors = read_info(path)
     try:
@@ -149,5 +149,10 @@ def load_generator(path: str | os.PathLike) -> tuple[nn.Module, GeneratorInfo]:
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
         raise WeightsError(f"{info.path}: tensors don't match a {info.architecture} generator {info.settings}: " + ", ".join(parts))
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise WeightsError(f"{info.path}: tensor {key} holds non-finite values (NaN or Inf); the file is "
+                               "damaged or its training diverged")
     generator.load_state_dict({k: v.float() for k, v in tensors.items()})
     return generator.eval(), info

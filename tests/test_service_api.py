@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -164,8 +165,47 @@ def test_readyz_is_503_while_the_weights_are_unusable(tmp_path):
         time.sleep(0.3)
         r = c.get("/readyz")
         assert r.status_code == 503 and "bad.safetensors" in r.json()["detail"]
+        assert "Retry-After" not in r.headers  # a permanent failure: retrying won't help
         r = c.post("/translate", content=encode(photo(8, 8)), headers={"content-type": "image/jpeg"})
-        assert r.status_code == 503 and "Retry-After" in r.headers
+        assert r.status_code == 503 and "Retry-After" not in r.headers and "cannot serve" in r.json()["detail"]
+        assert "bad.safetensors" in c.get("/info").json()["load_error"]
+
+
+def poisoned(path, value: float, key: str = "model.1.weight"):
+    """The test generator saved with one tensor scaled or filled, as a damaged or diverged file would be."""
+    from model.weights import save_generator
+    from tests.conftest import small_generator
+
+    g = small_generator()
+    with torch.no_grad():
+        dict(g.named_parameters())[key].fill_(value)
+    save_generator(path, g)
+    return path
+
+
+def test_non_finite_weights_are_refused_when_loading(tmp_path):
+    from model.weights import WeightsError, load_generator
+
+    for value in (float("nan"), float("inf")):
+        bad = poisoned(tmp_path / "nan.safetensors", value)
+        with pytest.raises(WeightsError, match=r"nan.safetensors: tensor model.1.weight holds non-finite values"):
+            load_generator(bad)
+        with TestClient(create_app(Settings(weights=bad, ui=False))) as c:
+            time.sleep(0.3)
+            r = c.get("/readyz")
+            assert r.status_code == 503 and "non-finite" in r.json()["detail"] and "Retry-After" not in r.headers
+
+
+def test_a_batch_with_non_finite_output_fails_with_a_clear_500(tmp_path):
+    # finite weights so large that the forward pass overflows: loading can't see it, the output check does
+    huge = poisoned(tmp_path / "huge.safetensors", 3e38)
+    from model.translator import NonFiniteOutput, Translator
+
+    with pytest.raises(NonFiniteOutput):
+        Translator.from_file(huge, device="cpu", precision="fp32")  # the warm-up already trips it
+    translator = Translator.from_file(huge, device="cpu", precision="fp32", warmup=False)
+    with pytest.raises(NonFiniteOutput):
+        translator.translate([photo(32, 32)])
 
 
 def test_settings_come_from_the_environment(monkeypatch):

@@ -65,3 +65,23 @@ def test_the_shipped_default_weights_work_without_flags(tmp_path):
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "out" / "p.png") as img:
         assert img.size == (96, 64)
+
+
+def test_poisoned_weights_fail_with_one_line_and_write_nothing(tmp_path):
+    import torch
+
+    from model.weights import save_generator
+    from tests.conftest import small_generator
+
+    (tmp_path / "in").mkdir()
+    photo(40, 30).save(tmp_path / "in" / "a.jpg")
+    for name, value in (("nan.safetensors", float("nan")), ("huge.safetensors", 3e38)):
+        g = small_generator()
+        with torch.no_grad():
+            g.model[1].weight.fill_(value)
+        save_generator(tmp_path / name, g)
+        result = run_module("model.translate", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                            "--weights", str(tmp_path / name), "--device", "cpu")
+        assert result.returncode == 2, result.stdout
+        assert result.stderr.strip().count("\n") == 0 and "non-finite" in result.stderr and name in result.stderr
+        assert not list((tmp_path / "o").glob("*")) if (tmp_path / "o").exists() else True
