@@ -3,9 +3,24 @@ counted while streaming so an oversized body is refused before it is all buffere
 from __future__ import annotations
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from app.service import ServiceError
+
+
+MAX_FILES, MAX_FIELDS, MAX_PART_SIZE, MAX_HEADER = 4, 16, 64 * 1024, 4096
+
+
+def longest_part_header(body: bytes) -> int:
+    """The longest Content-Disposition header line in a multipart body (where a huge filename shows)."""
+    longest, start = 0, body.find(b"Content-Disposition")
+    while start != -1:
+        end = body.find(b"\r\n", start)
+        longest = max(longest, (len(body) if end == -1 else end) - start)
+        start = body.find(b"Content-Disposition", start + 1)
+    return longest
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -35,11 +50,23 @@ async def image_bytes(request: Request, limit: int) -> bytes:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        form = await Request(request.scope, replay).form(max_files=MAX_FILES, max_fields=MAX_FIELDS,
+                                                         max_part_size=MAX_PART_SIZE)
+    except (MultiPartException, HTTPException) as exc:  # starlette names the limit hit (files, fields, part size)
+        message = getattr(exc, "message", None) or getattr(exc, "detail", "")
+        if (longest := longest_part_header(body)) > MAX_HEADER:
+            raise ServiceError(400, f"a multipart part header (its name or filename) is {longest} bytes long; "
+                                    f"the limit is {MAX_HEADER}") from None
+        raise ServiceError(400, f"the multipart body was refused: {message} (send one file field named "
+                                f"'image'; at most {MAX_FILES} files, {MAX_FIELDS} fields, non-file fields and "
+                                f"part headers under {MAX_PART_SIZE} bytes)") from None
     except Exception:
         raise ServiceError(400, "the multipart body cannot be parsed") from None
     try:
-        field = form.get("image")
+        fields = form.getlist("image")
+        if len(fields) > 1:
+            raise ServiceError(422, f"the multipart body has {len(fields)} fields named 'image'; send exactly one")
+        field = fields[0] if fields else None
         if not isinstance(field, UploadFile):
             raise ServiceError(422, "the multipart body needs a file field named 'image'")
         return await field.read()

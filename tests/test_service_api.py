@@ -241,3 +241,14 @@ def test_strength_blends_photo_and_painting_after_the_network(client):
     for bad in ("-0.1", "1.5", "nan", "strong"):
         r = client.post("/translate", params={"strength": bad}, content=data, headers={"content-type": "image/png"})
         assert r.status_code == 422 and "strength" in str(r.json()["detail"]), (bad, r.text)
+
+
+def test_multipart_limits_are_named(client):
+    data = encode(photo(16, 16))
+    two = client.post("/translate", files=[("image", ("a.jpg", data, "image/jpeg")), ("image", ("b.jpg", data, "image/jpeg"))])
+    assert "2 fields named 'image'" in error(two, 422)
+    five = client.post("/translate", files=[(f"f{i}", (f"{i}.jpg", data, "image/jpeg")) for i in range(4)]
+                       + [("image", ("x.jpg", data, "image/jpeg"))])
+    assert "Too many files. Maximum number of files is 4" in error(five, 400)
+    long_name = client.post("/translate", files={"image": ("a" * 100_000 + ".jpg", data, "image/jpeg")})
+    assert "part header (its name or filename) is" in error(long_name, 400) and "limit is 4096" in error(long_name, 400)
