@@ -22,6 +22,10 @@ class QueueFull(RuntimeError):
     """The queue holds ``queue_size`` requests already; try again shortly."""
 
 
+class ClientGone(RuntimeError):
+    """The client closed its connection while its job was queued; the job was dropped before compute."""
+
+
 class DeadlineExceeded(RuntimeError):
     """The request's deadline passed before its turn came."""
 
@@ -118,7 +122,7 @@ class Batcher:
                 job.future.set_exception(DeadlineExceeded("the deadline passed while queued"))
                 continue
             if job.gone is not None and await job.gone():
-                job.future.cancel()
+                job.future.set_exception(ClientGone("the client closed the connection while its request was queued"))
                 continue
             keep.append(job)
         return keep

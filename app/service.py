@@ -8,13 +8,16 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from app.batcher import Batcher, DeadlineExceeded, QueueFull, Timing
+from app.batcher import Batcher, ClientGone, DeadlineExceeded, QueueFull, Timing
 from app.config import Settings
 from app.imaging import FORMATS, ImageRejected, blend, decode_upload, encode
 from app.observability import Metrics
 from model.translator import NonFiniteOutput, Translator
 
 log = logging.getLogger("monet.service")
+
+
+CLIENT_CLOSED = 499  # nginx's status for a client that closed its connection before the answer
 
 
 class ServiceError(Exception):
@@ -102,6 +105,8 @@ class PaintingService:
             raise ServiceError(503, f"the service is busy ({exc}); retry shortly", {"Retry-After": "1"}) from None
         except DeadlineExceeded as exc:
             raise ServiceError(504, f"the request timed out before its turn ({exc})") from None
+        except ClientGone as exc:  # 499, nginx's "client closed request": nobody reads this answer
+            raise ServiceError(CLIENT_CLOSED, str(exc)) from None
         except NonFiniteOutput as exc:  # the weights' fault, not the client's
             log.error("non-finite output: %s", exc)
             raise ServiceError(500, f"server fault: {exc}") from None

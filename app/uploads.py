@@ -5,9 +5,9 @@ from __future__ import annotations
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from app.service import ServiceError
+from app.service import CLIENT_CLOSED, ServiceError
 
 
 MAX_FILES, MAX_FIELDS, MAX_PART_SIZE, MAX_HEADER = 4, 16, 64 * 1024, 4096
@@ -29,10 +29,13 @@ async def read_limited(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise ServiceError(413, f"the body is {declared} bytes; the limit is {limit}")
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise ServiceError(413, f"the body exceeds the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise ServiceError(413, f"the body exceeds the limit of {limit} bytes")
+    except ClientDisconnect:
+        raise ServiceError(CLIENT_CLOSED, f"the client closed the connection after {len(buf)} bytes of the body") from None
     return bytes(buf)
 
 

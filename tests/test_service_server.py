@@ -110,3 +110,57 @@ def test_gradio_client_runs_the_ui_translate_endpoint(server, tmp_path):
     assert httpx.get(server.url + "/healthz").status_code == 200
     # building the UI writes nothing into the source tree (it may be read-only, as in the image)
     assert not list((ROOT / "app").glob("*.pyi"))
+
+
+@pytest.mark.parametrize("server", [{"ui": "false"}], indirect=True)
+def test_a_client_gone_mid_body_is_counted_as_499_without_a_traceback(server):
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                      b"Content-Length: 100000\r\n\r\n" + b"\xff" * 1000)
+            time.sleep(0.2)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        text = httpx.get(server.url + "/metrics").text
+        if metric(text, 'monet_requests_total{route="/translate",status="499"}') >= 3:
+            break
+        time.sleep(0.2)
+    assert metric(text, 'monet_requests_total{route="/translate",status="499"}') == 3
+    assert 'status="500"' not in text
+    log = server.output()
+    assert "Traceback" not in log and log.count('"status": 499') == 3
+
+
+def test_a_job_whose_client_left_while_queued_is_dropped(weights):
+    import asyncio
+
+    import numpy as np
+
+    from app.batcher import Batcher, ClientGone
+    from model.translator import Translator
+
+    translator = Translator.from_file(weights, device="cpu")
+    runs = []
+    original = translator.translate_arrays
+    translator.translate_arrays = lambda batch: runs.append(len(batch)) or original(batch)
+
+    async def scenario():
+        batcher = Batcher(translator, max_batch=4, max_wait_s=0.01, queue_size=8)
+        batcher.start()
+
+        async def gone():
+            return True
+
+        try:
+            with pytest.raises(ClientGone):
+                await batcher.submit(np.zeros((16, 16, 3), np.uint8), 10, gone)
+            result, _ = await batcher.submit(np.zeros((16, 16, 3), np.uint8), 10)
+            return result
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()).shape == (16, 16, 3)
+    assert runs == [1]  # only the request whose client stayed was computed
