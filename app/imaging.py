@@ -14,6 +14,9 @@ FORMATS = {  # name -> (PIL format, media type, save options)
     "jpeg": ("JPEG", "image/jpeg", {"quality": 92}),
     "webp": ("WEBP", "image/webp", {"quality": 90}),
 }
+# The flattest possible JPEG (one grey, progressive, optimised Huffman) still needs about 1 bit per 8x8 block,
+# 0.015 bits per pixel; a file with less than 0.01 bits per pixel cannot hold its declared image.
+JPEG_MIN_BYTES_PER_PIXEL_INV = 800
 ACCEPTED_INPUTS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"}
 
 
@@ -50,6 +53,10 @@ def decode_upload(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
         raise ImageRejected(413, f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     if width < 1 or height < 1:
         raise ImageRejected(400, "the image has no pixels")
+    if img.format in ("JPEG", "MPO") and len(data) * JPEG_MIN_BYTES_PER_PIXEL_INV < width * height:
+        # a header whose size was raised without the data: libjpeg would pad it with grey, silently
+        raise ImageRejected(400, f"the JPEG holds {len(data)} bytes, far too little data for its declared "
+                                 f"{width}x{height} pixels: its header is damaged or forged")
     try:
         img.load()
         rgb = fit_max_side(to_rgb(img), max_side)

@@ -252,3 +252,28 @@ def test_multipart_limits_are_named(client):
     assert "Too many files. Maximum number of files is 4" in error(five, 400)
     long_name = client.post("/translate", files={"image": ("a" * 100_000 + ".jpg", data, "image/jpeg")})
     assert "part header (its name or filename) is" in error(long_name, 400) and "limit is 4096" in error(long_name, 400)
+
+
+def jpeg_with_size(data: bytes, width: int, height: int) -> bytes:
+    """``data`` (a baseline JPEG) with only the width and height in its SOF0 header changed."""
+    i = data.index(b"\xff\xc0")
+    return data[: i + 5] + struct.pack(">HH", height, width) + data[i + 9 :]
+
+
+def test_a_jpeg_header_that_claims_more_pixels_than_its_data_is_a_400(tmp_path):
+    from model.weights import save_generator
+    from tests.conftest import small_generator
+
+    weights = tmp_path / "g.safetensors"
+    save_generator(weights, small_generator())
+    small = encode(photo(64, 64, seed=5), "JPEG", quality=90)
+    forged = jpeg_with_size(small, 2000, 2000)
+    flat = io.BytesIO()  # the flattest honest JPEG: one grey, progressive, optimised
+    Image.new("L", (2000, 2000), 128).save(flat, "JPEG", progressive=True, optimize=True)
+    with TestClient(create_app(Settings(weights=weights, device="cpu", max_side=256, ui=False))) as c:
+        wait_ready(c)
+        r = c.post("/translate", content=forged, headers={"content-type": "image/jpeg"})
+        assert "2000x2000" in error(r, 400) and "damaged or forged" in error(r, 400)
+        ok = c.post("/translate", content=flat.getvalue(), headers={"content-type": "image/jpeg"})
+        assert decoded(ok).size == (256, 256)
+        assert decoded(c.post("/translate", content=small, headers={"content-type": "image/jpeg"})).size == (64, 64)
