@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1, description="requests waiting for the model before 503s")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request, queueing included (504 after)")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    upload_timeout_s: float = Field(30.0, gt=0, description="a body must arrive within this time (408 after)")
+    upload_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1,
+                                     description="bytes all unfinished uploads may hold together (503 past it)")
     max_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
     max_side: int = Field(1024, ge=16, description="larger uploads are downscaled to this longer side")
     default_format: Literal["png", "jpeg", "webp"] = "png"

@@ -11,6 +11,7 @@ from app.config import Settings
 from app.observability import Metrics, ObservabilityMiddleware
 from app.routes import router
 from app.service import PaintingService, ServiceError
+from app.uploads import UploadBudget
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          redoc_url=None,
                          description="Turn photos into paintings in Claude Monet's style. POST an image to /translate.")
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
+    app.state.upload_budget = UploadBudget(settings.upload_buffer_bytes)
     app.include_router(router)
 
     @app.exception_handler(ServiceError)

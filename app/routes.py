@@ -49,7 +49,8 @@ async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | N
     fmt = negotiate(format, request.headers.get("accept"), service.settings.default_format)
     if fmt is None:
         raise ServiceError(406, "none of the Accept header's types can be produced; accept image/png, image/jpeg or image/webp")
-    data = await image_bytes(request, service.settings.max_upload_bytes)
+    s = service.settings
+    data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, request.app.state.upload_budget)
     painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength)
     t = painting.timing
     return Response(painting.data, media_type=painting.media_type, headers={

@@ -2,6 +2,8 @@
 counted while streaming so an oversized body is refused before it is all buffered."""
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -23,31 +25,67 @@ def longest_part_header(body: bytes) -> int:
     return longest
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as it exceeds ``limit`` bytes."""
+class UploadBudget:
+    """Bytes held by all unfinished uploads together; past ``limit`` a new chunk is refused (503)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+async def read_limited(request: Request, limit: int, timeout_s: float | None = None,
+                       budget: UploadBudget | None = None) -> bytes:
+    """The request body: 413 as soon as it exceeds ``limit`` bytes, 408 when it takes longer than
+    ``timeout_s`` to arrive, 503 when unfinished uploads together would hold more than ``budget``."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ServiceError(413, f"the body is {declared} bytes; the limit is {limit}")
     buf = bytearray()
-    try:
+    held = 0
+
+    async def read() -> None:
+        nonlocal held
         async for chunk in request.stream():
-            buf += chunk
+            if budget is not None:
+                if not budget.take(len(chunk)):
+                    raise ServiceError(503, "the server holds too many unfinished uploads; retry shortly",
+                                       {"Retry-After": "1"})
+                held += len(chunk)
+            buf.extend(chunk)
             if len(buf) > limit:
                 raise ServiceError(413, f"the body exceeds the limit of {limit} bytes")
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ServiceError(408, f"the body did not arrive within {timeout_s:g} s ({len(buf)} bytes came); "
+                                "send it faster or in a smaller size") from None
     except ClientDisconnect:
         raise ServiceError(CLIENT_CLOSED, f"the client closed the connection after {len(buf)} bytes of the body") from None
+    finally:
+        if budget is not None:
+            budget.give(held)
     return bytes(buf)
 
 
-async def image_bytes(request: Request, limit: int) -> bytes:
+async def image_bytes(request: Request, limit: int, timeout_s: float | None = None,
+                      budget: UploadBudget | None = None) -> bytes:
     """The uploaded image's bytes. Raises ServiceError 413/415/422/400 with a message that says what to send."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith("image/"):
-        return await read_limited(request, limit)
+        return await read_limited(request, limit, timeout_s, budget)
     if content_type != "multipart/form-data":
         raise ServiceError(415, f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
                                 "with a file field named 'image', or the raw image with an image/* content type")
-    body = await read_limited(request, limit)
+    body = await read_limited(request, limit, timeout_s, budget)
 
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}

@@ -164,3 +164,36 @@ def test_a_job_whose_client_left_while_queued_is_dropped(weights):
 
     assert asyncio.run(scenario()).shape == (16, 16, 3)
     assert runs == [1]  # only the request whose client stayed was computed
+
+
+def raw_upload(url: str, head: bytes, body: bytes, wait_s: float) -> tuple[int, str]:
+    """Send headers and part of a body, stall, then read whatever the server answered."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head + body)
+        time.sleep(wait_s)
+        answer = s.recv(65536).decode("latin-1")
+    status = int(answer.split(" ", 2)[1])
+    return status, answer.split("\r\n\r\n", 1)[1]
+
+
+@pytest.mark.parametrize("server", [{"ui": "false", "upload_timeout_s": 1, "upload_buffer_bytes": 60_000}],
+                         indirect=True)
+def test_stalled_uploads_get_408_and_unfinished_uploads_share_a_byte_budget(server):
+    head = (b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000000\r\n\r\n")
+    status, body = raw_upload(server.url, head, b"\xff" * 100, wait_s=2.5)
+    assert status == 408 and "did not arrive within 1 s" in body
+    # two stalled uploads of 40 kB each: the second pushes the total past 60 kB and is refused at once
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as first:
+        first.sendall(head + b"\xff" * 40_000)
+        time.sleep(0.3)
+        status, body = raw_upload(server.url, head, b"\xff" * 40_000, wait_s=0.5)
+        assert status == 503 and "too many unfinished uploads" in body
+    time.sleep(1.5)  # the first one timed out and gave its bytes back: a normal request goes through
+    ok = httpx.post(server.url + "/translate", content=encode(photo(32, 32)), headers={"content-type": "image/jpeg"})
+    assert ok.status_code == 200
