@@ -31,9 +31,36 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.main import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
-                log_level="info", timeout_graceful_shutdown=10)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_level="info",
+                            timeout_graceful_shutdown=settings.shutdown_grace_s)
+    DrainingServer(config, app.state.service, settings.drain_s).run()
     return 0
+
+
+class DrainingServer:
+    """uvicorn's server with a drain step on SIGTERM/SIGINT: /readyz turns 503 and new requests get 503 at
+    once; after ``drain_s`` (time for load balancers to notice) uvicorn stops accepting, lets the requests
+    it has finish within MONET_SHUTDOWN_GRACE_S, and the process exits 0."""
+
+    def __new__(cls, config, service, drain_s: float):
+        import threading
+
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if service.draining:  # a second signal: stop now
+                    return super().handle_exit(sig, frame)
+                service.draining = True
+                logging.getLogger("monet.service").info("draining: /readyz is 503; stopping in %.1f s", drain_s)
+                # set should_exit rather than pass the signal on: uvicorn would re-raise it at the end, and the
+                # process would die of SIGTERM instead of exiting 0
+                timer = threading.Timer(drain_s, setattr, (self, "should_exit", True))
+                timer.daemon = True
+                timer.start()
+
+        return _Server(config)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,5 @@ class Settings(BaseSettings):
     max_side: int = Field(1024, ge=16, description="larger uploads are downscaled to this longer side")
     default_format: Literal["png", "jpeg", "webp"] = "png"
     ui: bool = Field(True, description="mount the Gradio UI at /ui")
+    drain_s: float = Field(2.0, ge=0, description="on SIGTERM: seconds of /readyz 503 before new connections stop")
+    shutdown_grace_s: int = Field(10, ge=0, description="then: seconds the accepted requests have to finish")

@@ -70,6 +70,8 @@ async def readyz(request: Request):
     service = service_of(request)
     if service.ready:
         return {"status": "ready"}
+    if service.draining:
+        return JSONResponse({"detail": "shutting down"}, status_code=503)
     if service.load_error:  # permanent: no Retry-After; the reason is also in /info and the log
         return JSONResponse({"detail": f"the model could not be loaded: {service.load_error}"}, status_code=503)
     return JSONResponse({"detail": "loading"}, status_code=503, headers={"Retry-After": "5"})

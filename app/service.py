@@ -44,11 +44,12 @@ class PaintingService:
         self.translator: Translator | None = None
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
+        self.draining = False  # set on SIGTERM: finish what was accepted, take nothing new
         self._loading: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
-        return self.batcher is not None
+        return self.batcher is not None and not self.draining
 
     async def start(self) -> None:
         self._loading = asyncio.create_task(self._load())
@@ -90,6 +91,9 @@ class PaintingService:
     async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0) -> Painting:
         """Decode ``data``, translate it through the batcher, blend ``strength`` of the painting with the
         photo, encode as ``fmt``. Raises ServiceError."""
+        if self.draining:
+            raise ServiceError(503, "this replica is shutting down; retry (another replica will answer)",
+                               {"Retry-After": "1"})
         if self.batcher is None:
             if self.load_error:  # permanent until an operator fixes the weights: no Retry-After
                 raise ServiceError(503, f"the model could not be loaded and this replica cannot serve: {self.load_error}")
