@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 
+import uvicorn
 from pydantic import ValidationError
 
 
@@ -27,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: weights file {settings.weights} not found (set --weights or MONET_WEIGHTS)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    import uvicorn
-
     from app.main import create_app
 
     app = create_app(settings)
@@ -38,29 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class DrainingServer:
+class DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain step on SIGTERM/SIGINT: /readyz turns 503 and new requests get 503 at
     once; after ``drain_s`` (time for load balancers to notice) uvicorn stops accepting, lets the requests
     it has finish within MONET_SHUTDOWN_GRACE_S, and the process exits 0."""
 
-    def __new__(cls, config, service, drain_s: float):
-        import threading
+    def __init__(self, config: uvicorn.Config, service, drain_s: float):
+        super().__init__(config)
+        self.service, self.drain_s = service, drain_s
 
-        import uvicorn
-
-        class _Server(uvicorn.Server):
-            def handle_exit(self, sig, frame):
-                if service.draining:  # a second signal: stop now
-                    return super().handle_exit(sig, frame)
-                service.draining = True
-                logging.getLogger("monet.service").info("draining: /readyz is 503; stopping in %.1f s", drain_s)
-                # set should_exit rather than pass the signal on: uvicorn would re-raise it at the end, and the
-                # process would die of SIGTERM instead of exiting 0
-                timer = threading.Timer(drain_s, setattr, (self, "should_exit", True))
-                timer.daemon = True
-                timer.start()
-
-        return _Server(config)
+    def handle_exit(self, sig, frame):
+        if self.service.draining:  # a second signal: stop now
+            return super().handle_exit(sig, frame)
+        self.service.draining = True
+        logging.getLogger("monet.service").info("draining: /readyz is 503; stopping in %.1f s", self.drain_s)
+        # set should_exit rather than pass the signal on: uvicorn would re-raise it at the end, and the
+        # process would die of SIGTERM instead of exiting 0
+        timer = threading.Timer(self.drain_s, setattr, (self, "should_exit", True))
+        timer.daemon = True
+        timer.start()
 
 
 if __name__ == "__main__":

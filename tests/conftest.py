@@ -41,6 +41,17 @@ def photo(width: int = 64, height: int = 48, seed: int = 0, mode: str = "RGB") -
     return img if mode == "RGB" else img.convert(mode)
 
 
+def unpaired_folders(root: Path, photos: int = 6, paintings: int = 6) -> Path:
+    """``root/photos`` (colour) and ``root/paintings`` (grey), tiny 40x40 images, as training.fit takes them."""
+    (root / "photos").mkdir()
+    (root / "paintings").mkdir()
+    for i in range(photos):
+        photo(40, 40, seed=i).save(root / "photos" / f"p{i}.jpg")
+    for i in range(paintings):
+        photo(40, 40, seed=100 + i).convert("L").convert("RGB").save(root / "paintings" / f"m{i}.png")
+    return root
+
+
 def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)

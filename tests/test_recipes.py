@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.translator import Translator
-from tests.conftest import ROOT, photo, run_module
+from tests.conftest import ROOT, photo, run_module, unpaired_folders
 from training.augment import DiffAugment
 from training.baselines import colour_transfer, lab_statistics, rgb_to_lab
 from training.config import preset_config
@@ -24,14 +24,7 @@ TINY = dict(ngf=8, n_blocks=1, ndf=8, image_size=32, load_size=0, batch_size=2, 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "photos").mkdir()
-    (root / "paintings").mkdir()
-    for i in range(10):
-        photo(40, 40, seed=i).save(root / "photos" / f"p{i}.jpg")
-    for i in range(6):
-        photo(40, 40, seed=100 + i).convert("L").convert("RGB").save(root / "paintings" / f"m{i}.png")
-    return root
+    return unpaired_folders(tmp_path_factory.mktemp("data"), photos=10, paintings=6)
 
 
 def fit(folders, out, *extra, timeout=300, **kw):

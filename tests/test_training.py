@@ -10,20 +10,14 @@ import pytest
 from safetensors.torch import load_file
 
 from model.translator import Translator
-from tests.conftest import ROOT, photo, run_module
+from tests.conftest import ROOT, photo, run_module, unpaired_folders
 
 SMALL = ["--ngf", "8", "--n-blocks", "1", "--ndf", "8", "--num-workers", "0", "--log-every", "2"]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "photos").mkdir()
-    (root / "paintings").mkdir()
-    for i in range(6):
-        photo(40, 40, seed=i).save(root / "photos" / f"p{i}.jpg")
-        photo(40, 40, seed=100 + i).convert("L").convert("RGB").save(root / "paintings" / f"m{i}.png")
-    return root
+    return unpaired_folders(tmp_path_factory.mktemp("data"))
 
 
 def fit(folders, out, *extra, timeout=300):

@@ -131,7 +131,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
+    """The run's configuration, and the folders a resumed run's config.json names ({} for a new run)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "preset"}
     if args.resume:
         config_file = args.out / "config.json"
@@ -141,17 +142,17 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             saved = json.loads(config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RunError(f"{config_file} is damaged; restore it or start a new run with another --out") from None
+        folders = saved.get("folders", {})
         saved |= {k: v for k, v in overrides.items() if v is not None}
-        return TrainConfig.from_dict(saved)
+        return TrainConfig.from_dict(saved), folders
     if (args.out / "config.json").exists() or (args.out / "checkpoints").exists():
         raise RunError(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
-    return preset_config(args.preset, **overrides)
+    return preset_config(args.preset, **overrides), {}
 
 
-def resolve_folders(args: argparse.Namespace) -> tuple[Path, Path]:
-    """--photos and --paintings: required for a new run; a resumed run reads them from its config.json,
-    and a folder given on the command line wins (with a note when it differs)."""
-    saved = json.loads((args.out / "config.json").read_text()).get("folders", {}) if args.resume else {}
+def resolve_folders(args: argparse.Namespace, saved: dict) -> tuple[Path, Path]:
+    """--photos and --paintings: required for a new run; a resumed run reads them from its config.json
+    (``saved``), and a folder given on the command line wins (with a note when it differs)."""
     folders = []
     for name in ("photos", "paintings"):
         given, before = getattr(args, name), saved.get(name)
@@ -206,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        cfg = resolve_config(args)
+        cfg, saved_folders = resolve_config(args)
         check_config(cfg)
-        args.photos, args.paintings = resolve_folders(args)
+        args.photos, args.paintings = resolve_folders(args, saved_folders)
         if args.device == "auto":
             device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         elif args.device == "cuda":
@@ -412,8 +413,9 @@ def validate(trainer: Trainer, validator: Validator, out: Path, step: int, best:
     metrics.flush()
     if board is not None:
         board.add_scalar("val/kid", value, step)
-    tqdm_write = __import__("tqdm").tqdm.write
-    tqdm_write(f"step {step}: validation KID {value:.4f} (best {best['kid']:.4f} at step {best['step']})")
+    from tqdm import tqdm
+
+    tqdm.write(f"step {step}: validation KID {value:.4f} (best {best['kid']:.4f} at step {best['step']})")
 
 
 def tensorboard_writer(out: Path):

@@ -7,6 +7,7 @@ An objective (``training.cyclegan.CycleGANTrainer``, ``training.cut.CUTTrainer``
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 
@@ -137,8 +138,6 @@ class Trainer:
         pass
 
     def state_dict(self) -> dict:
-        import dataclasses
-
         state = {
             "step": self.step_count,
             "config": dataclasses.asdict(self.cfg),

@@ -47,14 +47,11 @@ class Validator:
 
     def __init__(self, photos: list[Path], paintings: list[Path], device: torch.device, batch_size: int = 16,
                  amp_dtype: torch.dtype | None = None):
-        from training.evaluate import features_u8
-
         self.device, self.batch_size, self.amp_dtype = device, batch_size, amp_dtype
         self.feature_device = "cuda" if device.type == "cuda" else "cpu"
         self.photos = torch.stack([load_square(p) for p in photos])
         real = torch.stack([load_square(p) for p in paintings])
-        self.real_features = np.concatenate([features_u8(real[i : i + 32], self.feature_device)
-                                             for i in range(0, len(real), 32)])
+        self.real_features = self.features(real)
 
     def paint(self, generator: nn.Module) -> torch.Tensor:
         """The validation photos through ``generator``, as uint8 NCHW on the CPU.
@@ -74,9 +71,12 @@ class Validator:
 
     def kid(self, generator: nn.Module) -> float:
         """KID (mean over 100 subsets) of ``generator``'s paintings of the validation photos."""
-        from training.evaluate import features_u8, kid
+        from training.evaluate import kid
 
-        painted = self.paint(generator)
-        feats = np.concatenate([features_u8(painted[i : i + 32], self.feature_device)
-                                for i in range(0, len(painted), 32)])
-        return kid(feats, self.real_features)[0]
+        return kid(self.features(self.paint(generator)), self.real_features)[0]
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """Inception features of uint8 NCHW images, 32 at a time."""
+        from training.evaluate import features_u8
+
+        return np.concatenate([features_u8(images[i : i + 32], self.feature_device) for i in range(0, len(images), 32)])
