@@ -15,7 +15,10 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
+from app.imaging import release_free_memory
 from model.translator import Translator
+
+IDLE_TRIM_S = 1.0  # after this long with an empty queue, freed memory goes back to the OS (once per idle spell)
 
 
 class QueueFull(RuntimeError):
@@ -54,6 +57,7 @@ class Batcher:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
         self.metrics = metrics
         self._worker: asyncio.Task | None = None
+        self._dirty = False  # work ran since the last trim
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="batcher")
@@ -96,8 +100,19 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.queue.qsize())
 
+    async def _first(self) -> _Job:
+        """The next job. Once per idle spell, hand the heap that large images' activations and buffers
+        left behind back to the OS (glibc would keep it)."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), IDLE_TRIM_S if self._dirty else None)
+            except asyncio.TimeoutError:
+                await asyncio.to_thread(release_free_memory)
+                self._dirty = False
+
     async def _gather(self) -> list[_Job]:
-        batch = [await self.queue.get()]
+        batch = [await self._first()]
+        self._dirty = True
         until = time.perf_counter() + self.max_wait_s
         while len(batch) < self.max_batch:
             left = until - time.perf_counter()

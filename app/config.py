@@ -27,8 +27,14 @@ class Settings(BaseSettings):
     upload_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1,
                                      description="bytes all unfinished uploads may hold together (503 past it)")
     max_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
+    decode_budget_bytes: int = Field(512 * 1024 * 1024, ge=1,
+                                     description="memory that image decodes in progress may hold together; "
+                                                 "decodes past it wait their turn")
+    max_batch_pixels: int = Field(2 * 1024 * 1024, ge=1, description="pixels per forward pass (at least one "
+                                  "image): bounds activation memory for large images")
     max_side: int = Field(1024, ge=16, description="larger uploads are downscaled to this longer side")
     default_format: Literal["png", "jpeg", "webp"] = "png"
     ui: bool = Field(True, description="mount the Gradio UI at /ui")
+    ui_cache_ttl_s: int = Field(900, ge=1, description="the UI's uploads and results are deleted after this age")
     drain_s: float = Field(2.0, ge=0, description="on SIGTERM: seconds of /readyz 503 before new connections stop")
     shutdown_grace_s: int = Field(10, ge=0, description="then: seconds the accepted requests have to finish")

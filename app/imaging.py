@@ -1,13 +1,18 @@
 """Bytes in, bytes out: decoding uploads under the service's limits, and encoding results."""
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import io
 import warnings
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model.images import fit_max_side, to_rgb
+from model.images import draft_for, fitted_size, prepare
 
 FORMATS = {  # name -> (PIL format, media type, save options)
     "png": ("PNG", "image/png", {"compress_level": 3}),
@@ -28,12 +33,23 @@ class ImageRejected(ValueError):
         self.status, self.detail = status, detail
 
 
-def decode_upload(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
-    """Decode an uploaded image into an upright RGB uint8 array (H, W, 3), capped at ``max_side``.
+@dataclass
+class Opened:
+    """An upload whose header passed every check; nothing decoded yet. ``cost``: the bytes its decode may
+    hold at its peak, counted against the service's decode budget."""
+    image: Image.Image
+    cost: int
 
-    The pixel count is checked from the header before any pixel is decoded, so a decompression
-    bomb costs nothing. Raises ImageRejected (400 unreadable, 413 too many pixels, 415 format).
-    """
+
+# Peak bytes per decoded pixel: Pillow keeps RGB(A) in 4 bytes, plus a converted copy and resize buffers.
+_BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 10, "LA": 10, "I;16": 14, "I;16B": 14, "I;16L": 14, "I;16N": 14,
+                    "I": 18, "F": 18}
+
+
+def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
+    """Read an upload's header and check it, decoding no pixel: 400 unreadable or forged, 413 too many
+    pixels (a decompression bomb costs nothing), 415 format. A JPEG is set to decode at the smallest
+    scale (1/2, 1/4, 1/8) that still covers ``max_side``, and ``cost`` counts that reduced size."""
     if not data:
         raise ImageRejected(400, "the body is empty; send the image bytes")
     try:
@@ -58,14 +74,74 @@ def decode_upload(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
         raise ImageRejected(400, f"the JPEG holds {len(data)} bytes, far too little data for its declared "
                                  f"{width}x{height} pixels: its header is damaged or forged")
     try:
-        img.load()
-        rgb = fit_max_side(to_rgb(img), max_side)
-        return np.asarray(rgb, dtype=np.uint8)
+        draft_for(img, max_side)
+    except Exception:
+        raise ImageRejected(400, "the image header is damaged") from None
+    w, h = img.size
+    out_w, out_h = fitted_size((w, h), max_side)
+    return Opened(img, w * h * _BYTES_PER_PIXEL.get(img.mode, 10) + out_w * out_h * 8)
+
+
+def finish_decode(opened: Opened, max_side: int) -> np.ndarray:
+    """Decode an opened upload into an upright RGB uint8 array (H, W, 3), its longer side at most
+    ``max_side``. Raises ImageRejected(400) for damaged or truncated data."""
+    try:
+        return np.asarray(prepare(opened.image, max_side), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "damaged"
         raise ImageRejected(400, f"the image data is {reason} and cannot be decoded") from None
     except Exception:
         raise ImageRejected(400, "the image cannot be decoded") from None
+    finally:
+        opened.image.close()
+
+
+def decode_upload(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
+    """``open_upload`` then ``finish_decode``, for callers without a decode budget."""
+    return finish_decode(open_upload(data, max_pixels, max_side), max_side)
+
+
+class DecodeBudget:
+    """Bytes that decodes in progress may hold together. A decode waits (in order) until its cost fits;
+    one that costs more than the whole budget runs alone. When the last decode of a burst finishes, the
+    freed heap is handed back to the operating system."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._turn = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, cost: int, timeout_s: float):
+        cost = min(cost, self.limit)
+        async with self._turn:
+            await asyncio.wait_for(self._turn.wait_for(lambda: self.used + cost <= self.limit), timeout_s)
+            self.used += cost
+        try:
+            yield
+        finally:
+            async with self._turn:
+                self.used -= cost
+                self._turn.notify_all()
+                idle = self.used == 0
+            if idle:
+                release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise: a burst of big decodes would
+    leave the process hundreds of MB larger for good). A no-op where malloc_trim doesn't exist."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 def blend(photo: np.ndarray, painting: np.ndarray, strength: float) -> np.ndarray:

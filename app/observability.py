@@ -6,6 +6,7 @@ import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("monet.access")
@@ -27,12 +28,19 @@ class Metrics:
         self.queue_depth = Gauge("monet_queue_depth", "requests waiting for the model", registry=self.registry)
 
 
-def route_label(scope: Scope) -> str:
-    """A bounded label: the matched route's template, '/ui' for the whole UI, else 'unmatched'."""
+def route_label(scope: Scope, entry: Scope | None = None) -> str:
+    """A bounded label: the matched route's template, '/ui' for the whole UI, else 'unmatched'.
+
+    FastAPI puts its own routes in the scope; plain Starlette routes and mounts (/openapi.json, the
+    offline docs' static files) are looked up among the app's routes, with ``entry``, the scope as it
+    came in (routing rewrites the scope's paths in place)."""
     path = scope.get("path", "")
     if path == "/ui" or path.startswith("/ui/"):
         return "/ui"
     route = scope.get("route")
+    if route is None and (app := scope.get("app")) is not None:
+        probe = {**(entry or scope), "type": "http"}
+        route = next((r for r in getattr(app, "routes", []) if r.matches(probe)[0] == Match.FULL), None)
     return getattr(route, "path", None) or "unmatched"
 
 
@@ -47,6 +55,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), 500
+        entry = dict(scope)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -57,7 +66,7 @@ class ObservabilityMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = route_label(scope)
+            route = route_label(scope, entry)
             self.metrics.requests.labels(route, str(status)).inc()
             if route != "/ui":
                 access_log.info(json.dumps({

@@ -55,7 +55,7 @@ async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | N
     t = painting.timing
     return Response(painting.data, media_type=painting.media_type, headers={
         "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),
-        "Server-Timing": f"queue;dur={t.queue_ms:.1f}, compute;dur={t.compute_ms:.1f}"})
+        "Server-Timing": painting.server_timing()})
 
 
 @router.get("/healthz")

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,13 +13,14 @@ from starlette.concurrency import run_in_threadpool
 
 from app.batcher import Batcher, ClientGone, DeadlineExceeded, QueueFull, Timing
 from app.config import Settings
-from app.imaging import FORMATS, ImageRejected, blend, decode_upload, encode
+from app.imaging import FORMATS, DecodeBudget, ImageRejected, blend, encode, finish_decode, open_upload
 from app.observability import Metrics
 from model.translator import NonFiniteOutput, Translator
 
 log = logging.getLogger("monet.service")
 
 
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered, behind a load balancer
 CLIENT_CLOSED = 499  # nginx's status for a client that closed its connection before the answer
 
 
@@ -34,6 +38,14 @@ class Painting:
     media_type: str
     timing: Timing
     source: np.ndarray  # the upright RGB input the painting was made from
+    decode_ms: float = 0.0  # header checks, decode, resize (decode budget wait included)
+    encode_ms: float = 0.0  # blend and encode
+
+    def server_timing(self) -> str:
+        """The Server-Timing header: where this request's time went."""
+        t = self.timing
+        return (f"decode;dur={self.decode_ms:.1f}, queue;dur={t.queue_ms:.1f}, compute;dur={t.compute_ms:.1f}, "
+                f"encode;dur={self.encode_ms:.1f}")
 
 
 class PaintingService:
@@ -44,6 +56,7 @@ class PaintingService:
         self.translator: Translator | None = None
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
+        self.decode_budget = DecodeBudget(settings.decode_budget_bytes)
         self.draining = False  # set on SIGTERM: finish what was accepted, take nothing new
         self._loading: asyncio.Task | None = None
 
@@ -58,7 +71,8 @@ class PaintingService:
         s = self.settings
         try:
             self.translator = await asyncio.to_thread(
-                Translator.from_file, s.weights, device=s.device, precision=s.precision, max_batch=s.max_batch_size)
+                Translator.from_file, s.weights, device=s.device, precision=s.precision, max_batch=s.max_batch_size,
+                max_batch_pixels=s.max_batch_pixels)
         except Exception as exc:  # surfaced by /readyz and 503s, the process stays up for probes
             self.load_error = str(exc)
             log.error("model not loaded: %s", exc)
@@ -78,6 +92,7 @@ class PaintingService:
         s = self.settings
         t = self.translator
         return {
+            "replica": REPLICA,
             "ready": self.ready,
             "load_error": self.load_error,
             "model": t.info.as_dict() if t is not None and t.info is not None else None,
@@ -85,7 +100,8 @@ class PaintingService:
             "dtype": str(t.dtype).removeprefix("torch.") if t is not None else None,
             "batching": {"max_batch_size": s.max_batch_size, "max_batch_wait_ms": s.max_batch_wait_ms,
                          "queue_size": s.queue_size, "request_timeout_s": s.request_timeout_s},
-            "limits": {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side},
+            "limits": {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
+                       "decode_budget_bytes": s.decode_budget_bytes, "max_batch_pixels": s.max_batch_pixels},
         }
 
     async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0) -> Painting:
@@ -99,10 +115,17 @@ class PaintingService:
                 raise ServiceError(503, f"the model could not be loaded and this replica cannot serve: {self.load_error}")
             raise ServiceError(503, "the model is still loading", {"Retry-After": "5"})
         s = self.settings
+        started = time.perf_counter()
         try:
-            image: np.ndarray = await run_in_threadpool(decode_upload, data, s.max_pixels, s.max_side)
+            opened = await run_in_threadpool(open_upload, data, s.max_pixels, s.max_side)
+            async with self.decode_budget.hold(opened.cost, s.request_timeout_s):
+                image: np.ndarray = await run_in_threadpool(finish_decode, opened, s.max_side)
         except ImageRejected as exc:
             raise ServiceError(exc.status, exc.detail) from None
+        except asyncio.TimeoutError:
+            raise ServiceError(503, "the server is busy decoding other large images; retry shortly",
+                               {"Retry-After": "1"}) from None
+        decoded = time.perf_counter()
         try:
             result, timing = await self.batcher.submit(image, s.request_timeout_s, gone)
         except QueueFull as exc:
@@ -114,5 +137,9 @@ class PaintingService:
         except NonFiniteOutput as exc:  # the weights' fault, not the client's
             log.error("non-finite output: %s", exc)
             raise ServiceError(500, f"server fault: {exc}") from None
+        if gone is not None and await gone():  # left during compute: skip the encode nobody would read
+            raise ServiceError(CLIENT_CLOSED, "the client closed the connection before its painting was ready")
+        computed = time.perf_counter()
         body = await run_in_threadpool(lambda: encode(blend(image, result, strength), fmt))
-        return Painting(body, FORMATS[fmt][1], timing, image)
+        return Painting(body, FORMATS[fmt][1], timing, image, (decoded - started) * 1000,
+                        (time.perf_counter() - computed) * 1000)

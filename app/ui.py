@@ -4,8 +4,11 @@ It calls the same PaintingService (and so the same batcher) as the REST route.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
@@ -20,6 +23,25 @@ from app.service import PaintingService, ServiceError  # noqa: E402
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 FAVICON = Path(__file__).resolve().parent / "static" / "favicon.png"
 OUTPUTS = Path(tempfile.gettempdir()) / "monet-cyclegan-ui"
+log = logging.getLogger("monet.access")
+
+
+def prune(folder: Path, max_age_s: float) -> None:
+    """Delete the files in ``folder`` older than ``max_age_s`` (Gradio has copied them into its own
+    cache, which its ``delete_cache`` empties on the same schedule)."""
+    cutoff = time.time() - max_age_s
+    for path in folder.glob("monet-*.png"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except FileNotFoundError:  # another request pruned it first
+            pass
+
+
+def log_ui(status: int, detail: str) -> None:
+    """One access-log line for a UI request the service refused (Gradio would print a traceback)."""
+    log.info(json.dumps({"method": "POST", "path": "/ui/translate", "route": "/ui", "status": status,
+                         "detail": detail}))
 
 
 CSS = """
@@ -28,11 +50,14 @@ CSS = """
 
 
 def build_ui(service: PaintingService) -> gr.Blocks:
+    ttl = service.settings.ui_cache_ttl_s
+
     async def paint(upload: dict | None, strength: float | None = 100):
         # the event runs with preprocess=False: gr.Image would open the file with PIL first and fail with
         # its own message; this way every upload gets the service's limits and messages, as on REST
         path = (upload or {}).get("path")
         if not path:  # a toast only: gr.Error would also mark both output panels as failed
+            log_ui(422, "no photo")
             gr.Warning("Upload, paste or take a photo first.")
             return gr.skip(), gr.skip()
         data = Path(path).read_bytes()
@@ -40,15 +65,19 @@ def build_ui(service: PaintingService) -> gr.Blocks:
         try:
             painting = await service.paint(data, "png", strength=share)
         except ServiceError as exc:
-            raise gr.Error(exc.detail) from None
+            log_ui(exc.status, exc.detail)
+            raise gr.Error(exc.detail, print_exception=False) from None
         OUTPUTS.mkdir(parents=True, exist_ok=True)
+        prune(OUTPUTS, ttl)
         fd, name = tempfile.mkstemp(prefix="monet-", suffix=".png", dir=OUTPUTS)
         with os.fdopen(fd, "wb") as f:
             f.write(painting.data)
         # the painting goes to the slider as the file just written: no second decode and re-encode
         return (Image.fromarray(painting.source, "RGB"), name), name
 
-    with gr.Blocks(title="Monet-style photos", analytics_enabled=False) as demo:
+    # Gradio deletes its copies of uploads and results older than ttl, checking every ttl/2 seconds
+    with gr.Blocks(title="Monet-style photos", analytics_enabled=False,
+                   delete_cache=(max(1, ttl // 2), ttl)) as demo:
         gr.Markdown("## Paint your photo like Claude Monet\nUpload, paste or take a photo; drag the slider to compare.")
         # two columns of fixed height that wrap (stack) when the window is narrower than both minimum widths
         with gr.Row(equal_height=False):

@@ -39,10 +39,45 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
+def fitted_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """``size`` scaled down so its longer side is at most ``max_side``, keeping the aspect ratio."""
+    if not max_side or max(size) <= max_side:
+        return size
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
 def fit_max_side(image: Image.Image, max_side: int | None) -> Image.Image:
-    """Downscale ``image`` so its longer side is at most ``max_side``, keeping the aspect ratio."""
-    if not max_side or max(image.size) <= max_side:
+    """Downscale ``image`` so its longer side is at most ``max_side``, keeping the aspect ratio.
+
+    Lanczos after an integer box reduction (``reducing_gap``): the same look as plain Lanczos at a
+    fraction of its time for large reductions."""
+    size = fitted_size(image.size, max_side)
+    if size == image.size:
         return image
-    scale = max_side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+# Modes Pillow resizes directly (alpha premultiplied); others are converted to RGB first.
+_RESIZABLE = {"RGB", "RGBA", "L", "LA"}
+
+
+def draft_for(image: Image.Image, max_side: int | None) -> None:
+    """Let a JPEG decode straight at 1/2, 1/4 or 1/8 scale when ``max_side`` makes the full size useless
+    (libjpeg scales in the DCT: a 6000x6000 photo for a 1024 result decodes 8x fewer pixels). No-op for
+    other formats and for images that already fit."""
+    if image.format in ("JPEG", "MPO") and max_side:
+        target = fitted_size(image.size, max_side)
+        if target != image.size:
+            image.draft(None, target)
+
+
+def prepare(image: Image.Image, max_side: int | None) -> Image.Image:
+    """An opened image as upright RGB with its longer side at most ``max_side``, using as little memory
+    as it can: a JPEG decodes at reduced scale, and RGB/RGBA/grey images shrink before any conversion
+    (so a 40-megapixel RGBA PNG never exists in more than one full-size copy)."""
+    draft_for(image, max_side)
+    if image.mode in _RESIZABLE:
+        image = fit_max_side(image, max_side)
+        return to_rgb(image)
+    return fit_max_side(to_rgb(image), max_side)

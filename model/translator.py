@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model.images import fit_max_side, to_rgb
+from model.images import prepare
 from model.weights import GeneratorInfo, load_generator
 
 # The shipped generator; MONET_WEIGHTS names another (the container image sets it too).
@@ -68,7 +68,8 @@ def _check_finite(y: torch.Tensor) -> torch.Tensor:
 class Translator:
     """Turns photos into Monet-style paintings with one generator. Safe to call from many threads.
 
-    Images of the same size are run together in batches of at most ``max_batch``.
+    Images of the same size are run together in batches of at most ``max_batch`` images and
+    ``max_batch_pixels`` pixels (at least one image).
     """
 
     def __init__(
@@ -79,11 +80,14 @@ class Translator:
         precision: str = "auto",
         max_batch: int = 8,
         warmup: bool = True,
+        max_batch_pixels: int = 2 * 1024 * 1024,
     ):
         self.device = resolve_device(device)
         self.dtype = pick_dtype(self.device, precision)
         self.info = info
         self.max_batch = max(1, int(max_batch))
+        # activations grow with pixels, not images: a batch of eight 1024x1024 images would hold gigabytes
+        self.max_batch_pixels = max(1, int(max_batch_pixels))
         self.size_multiple = int(getattr(generator, "size_multiple", 4))
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # torch's default can exceed the cores this process may use (containers, taskset)
@@ -110,7 +114,7 @@ class Translator:
     def translate(self, images: list[Image.Image], max_side: int | None = None) -> list[Image.Image]:
         """Translate each image; returns one RGB image per input, in order, each upright and the
         same size as its (EXIF-rotated, ``max_side``-capped) input."""
-        prepared = [fit_max_side(to_rgb(img), max_side) for img in images]
+        prepared = [prepare(img, max_side) for img in images]
         arrays = [np.asarray(img, dtype=np.uint8) for img in prepared]
         outputs: list[np.ndarray | None] = [None] * len(arrays)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -126,6 +130,10 @@ class Translator:
 
     def translate_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Translate a uint8 array of shape (N, H, W, 3) of same-size RGB images; returns the same shape."""
+        per_pass = max(1, self.max_batch_pixels // (batch.shape[1] * batch.shape[2]))
+        if batch.shape[0] > per_pass:
+            return np.concatenate([self.translate_arrays(batch[i : i + per_pass])
+                                   for i in range(0, batch.shape[0], per_pass)])
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
             y = _check_finite(self._forward(x.float().div_(127.5).sub_(1.0)))

@@ -76,12 +76,12 @@ def free_port() -> int:
 class Server:
     """`python -m app` in a subprocess on a free loopback port, configured through MONET_* variables."""
 
-    def __init__(self, weights: Path, **settings):
-        self.port = free_port()
+    def __init__(self, weights: Path, extra_env: dict | None = None, port: int | None = None, **settings):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MONET_WEIGHTS": str(weights), "MONET_PORT": str(self.port), "MONET_DEVICE": "cpu",
                "PYTHONUNBUFFERED": "1"}
-        env.update({f"MONET_{k.upper()}": str(v) for k, v in settings.items()})
+        env.update({f"MONET_{k.upper()}": str(v) for k, v in settings.items()}, **(extra_env or {}))
         self.log = open(weights.parent / f"server-{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)

@@ -277,3 +277,37 @@ def test_a_jpeg_header_that_claims_more_pixels_than_its_data_is_a_400(tmp_path):
         ok = c.post("/translate", content=flat.getvalue(), headers={"content-type": "image/jpeg"})
         assert decoded(ok).size == (256, 256)
         assert decoded(c.post("/translate", content=small, headers={"content-type": "image/jpeg"})).size == (64, 64)
+
+
+def test_a_large_jpeg_decodes_at_reduced_scale_and_looks_the_same():
+    from app.imaging import finish_decode, open_upload
+    from model.images import fit_max_side
+
+    big = photo(6000, 4000, seed=3)
+    data = encode(big, "JPEG", quality=90)
+    opened = open_upload(data, 40_000_000, 1024)
+    assert opened.image.size == (1500, 1000)  # libjpeg decodes at 1/4 scale, not 6000x4000
+    assert opened.cost < 6000 * 4000  # the decode budget counts the reduced size
+    fast = finish_decode(opened, 1024)
+    with Image.open(io.BytesIO(data)) as full:
+        slow = np.asarray(fit_max_side(full.convert("RGB"), 1024))
+    assert fast.shape == slow.shape == (683, 1024, 3)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0
+    # an image that already fits is decoded at full size
+    assert open_upload(encode(photo(800, 600)), 40_000_000, 1024).image.size == (800, 600)
+
+
+def test_docs_and_openapi_have_their_own_metric_labels(client):
+    assert client.get("/docs").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+    text = client.get("/metrics").text
+    assert 'route="/docs",status="200"' in text and 'route="/openapi.json",status="200"' in text
+    assert 'route="unmatched",status="200"' not in text  # only 404s are unmatched
+
+
+def test_server_timing_says_where_the_time_went(client):
+    r = client.post("/translate", content=encode(photo(64, 48)), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200
+    parts = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
+    assert set(parts) == {"decode", "queue", "compute", "encode"}
+    assert all(float(v) >= 0 for v in parts.values()) and float(parts["compute"]) > 0

@@ -1,10 +1,12 @@
 """The real server (`python -m app` under uvicorn) on a loopback port: batching, overload, deadlines, Gradio client."""
 import io
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -224,3 +226,101 @@ def test_sigterm_drains_finishes_accepted_requests_and_exits_0(weights):
     finally:
         if srv.proc.poll() is None:
             srv.stop()
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+
+def pixel_limit_uploads(folder) -> list[tuple[bytes, str]]:
+    """Three real images of 6300x6300 (just under the 40-megapixel limit) that are small to send:
+    a JPEG, an RGB PNG and an RGBA PNG."""
+    side = 6300
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    checker = ((np.arange(side) // 64) % 2 * 120).astype(np.uint8)
+    arr = np.empty((side, side, 3), np.uint8)
+    arr[..., 0] = ramp[None, :]
+    arr[..., 1] = ramp[:, None]
+    arr[..., 2] = checker[None, :] ^ checker[:, None]
+    img = Image.fromarray(arr)
+    out = []
+    for fmt, mode, media in (("JPEG", "RGB", "image/jpeg"), ("PNG", "RGB", "image/png"), ("PNG", "RGBA", "image/png")):
+        buf = io.BytesIO()
+        (img if mode == "RGB" else img.convert(mode)).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        out.append((buf.getvalue(), media))
+    return out
+
+
+def test_sixteen_concurrent_uploads_at_the_pixel_limit_stay_under_2_gb_and_give_the_memory_back(tmp_path):
+    uploads = pixel_limit_uploads(tmp_path)
+    assert all(len(body) < 20 * 1024 * 1024 for body, _ in uploads)
+    shipped = tmp_path / "photo2monet.safetensors"  # the shipped generator (the server log goes beside it)
+    shipped.write_bytes((ROOT / "weights" / "photo2monet.safetensors").read_bytes())
+    srv = Server(shipped, ui="false").wait_ready()
+    try:
+        post_many(srv.url, [encode(photo(256, 256))] * 2, 2)  # warm the 256 path like any served replica
+        time.sleep(1)
+        idle = rss_mb(srv.proc.pid)
+        peak, stop = [idle], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss_mb(srv.proc.pid))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+
+        def one(i):
+            body, media = uploads[i % 3]
+            return httpx.post(srv.url + "/translate", content=body, headers={"content-type": media}, timeout=300)
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, range(16)))
+        time.sleep(2)
+        stop.set()
+        sampler.join()
+        end = rss_mb(srv.proc.pid)
+        assert [r.status_code for r in answers] == [200] * 16, [r.text[:200] for r in answers if r.status_code != 200]
+        assert Image.open(io.BytesIO(answers[0].content)).size == (1024, 1024)
+        assert peak[0] < 2048, f"peak RSS {peak[0]:.0f} MB (idle {idle:.0f} MB)"
+        assert end - idle < 200, f"RSS {end:.0f} MB after the burst, {idle:.0f} MB before"
+    finally:
+        srv.stop()
+
+
+def test_ui_uploads_and_results_are_deleted_after_their_ttl_and_refusals_log_one_line(weights, tmp_path):
+    from gradio_client import Client, handle_file
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    srv = Server(weights, extra_env={"TMPDIR": str(temp)}, ui_cache_ttl_s=2).wait_ready()
+    try:
+        client = Client(srv.url + "/ui/", verbose=False)
+        for i in range(3):
+            src = tmp_path / f"upload{i}.jpg"
+            photo(40, 30, seed=i).save(src)
+            client.predict(handle_file(str(src)), api_name="/translate")
+        fake = tmp_path / "notes.jpg"
+        fake.write_text("this is not a photo")
+        with pytest.raises(Exception, match="not an image"):
+            client.predict(handle_file(str(fake)), api_name="/translate")
+        files = lambda: sorted(p.name for p in temp.rglob("*") if p.is_file())  # noqa: E731
+        made = files()
+        assert "upload0.jpg" in made and sum(n.startswith("monet-") for n in made) >= 3
+        time.sleep(2.5)
+        src = tmp_path / "later.jpg"
+        photo(40, 30, seed=9).save(src)
+        client.predict(handle_file(str(src)), api_name="/translate")  # prunes our own results
+        deadline = time.time() + 10
+        while time.time() < deadline and any(n.startswith("upload") or n == "notes.jpg" for n in files()):
+            time.sleep(0.25)
+        left = files()
+        assert not any(n.startswith("upload") or n == "notes.jpg" for n in left), left
+        assert sum(n.startswith("monet-") for n in left) <= 2, left  # the latest result (and its copy)
+        log = srv.output()
+        assert "Traceback" not in log
+        assert log.count('"path": "/ui/translate", "route": "/ui", "status": 400') == 1
+    finally:
+        srv.stop()
