@@ -73,6 +73,8 @@ def test_dockerfile_structure(dockerfile):
     (["docker-compose.yml"], "train"),
     (["docker-compose.yml", "docker-compose.cpu.yml"], None),
     (["docker-compose.yml", "docker-compose.cpu.yml"], "train"),
+    (["docker-compose.yml"], "lb"),
+    (["docker-compose.yml", "docker-compose.cpu.yml"], "lb"),
 ])
 def test_compose_config_is_valid(files, profile):
     cmd = [compose_binary()] + [a for f in files for a in ("-f", f)]
@@ -99,6 +101,13 @@ def test_compose_config_is_valid(files, profile):
         assert train["entrypoint"][:3] == ["python", "-m", "training.fit"]
     else:
         assert "train" not in config["services"]
+    if profile == "lb":
+        lb = config["services"]["lb"]
+        assert lb["ports"][0]["target"] == 8080 and "web" in lb["depends_on"]
+        assert any(v["source"].endswith("deploy/haproxy/haproxy.cfg") and v.get("read_only") for v in lb["volumes"])
+        assert web["ports"][0]["published"].startswith("8000-")  # --scale web=3 can publish every replica
+    else:
+        assert "lb" not in config["services"]
 
 
 def test_build_context_holds_no_data_or_runs(tmp_path):

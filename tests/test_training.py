@@ -79,6 +79,24 @@ def test_resume_gives_the_same_weights_as_a_straight_run(folders, tmp_path):
     assert all((a[k] == b[k]).all() for k in a), "resumed run differs from the straight run"
 
 
+def test_resume_if_present_starts_a_run_then_continues_it_with_the_same_command(folders, tmp_path):
+    """The command line of a Kubernetes Job: the first pod starts the run, a rescheduled one resumes it."""
+    out = tmp_path / "job"
+    args = ["--preset", "cyclegan", *SMALL, "--load-size", "36", "--image-size", "32", "--steps", "6",
+            "--batch-size", "2", "--seed", "7", "--resume-if-present"]
+    assert fit(folders, out, *args, "--stop-at-step", "3").returncode == 0  # "preempted" at step 3
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003.pt"]
+    r = fit(folders, out, *args)
+    assert r.returncode == 0, r.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "step" in json.loads(line)]
+    assert min(s for s in steps if s > 3) > 3 and max(steps) == 6 and (out / "photo2monet.safetensors").exists()
+    # a folder whose run never reached its first checkpoint is started again rather than refused
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "config.json").write_text("{}")
+    assert fit(folders, tmp_path / "early", *args, "--stop-at-step", "1").returncode == 0
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(folders, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "training.fit", "--photos", str(folders / "photos"), "--paintings",

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from model.weights import atomic_write, save_generator
 from training.augment import parse_policy
-from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from training.config import PRESETS, TrainConfig, preset_config
 from training.cut import CUTTrainer
 from training.cyclegan import CycleGANTrainer
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="starting recipe: cyclegan (paper), kaggle (tutorial U-Net), cpu (FastCUT for 2 cores, "
                         "9,000 steps, about an hour)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume-if-present", action="store_true",
+                   help="continue the run in --out if it has a checkpoint, else start it (for Jobs that may be "
+                        "rescheduled: the same command line starts and resumes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--stop-at-step", type=int, default=0,
                    help="save a checkpoint and stop after this step (continue later with --resume)")
@@ -134,6 +137,8 @@ def _bool(text: str) -> bool:
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     """The run's configuration, and the folders a resumed run's config.json names ({} for a new run)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "preset"}
+    if args.resume_if_present:  # a run that never checkpointed has nothing to lose: start it again
+        args.resume = bool(list_checkpoints(args.out))
     if args.resume:
         config_file = args.out / "config.json"
         if not config_file.is_file():
@@ -145,7 +150,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
         folders = saved.get("folders", {})
         saved |= {k: v for k, v in overrides.items() if v is not None}
         return TrainConfig.from_dict(saved), folders
-    if (args.out / "config.json").exists() or (args.out / "checkpoints").exists():
+    if not args.resume_if_present and ((args.out / "config.json").exists() or (args.out / "checkpoints").exists()):
         raise RunError(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
     return preset_config(args.preset, **overrides), {}
 
