@@ -23,7 +23,7 @@ COPY app ./app
 COPY training ./training
 # the project itself, from the build context; its dependency ranges live in pyproject.toml
 # hadolint ignore=DL3013
-RUN pip install .
+RUN pip install ".[openvino]"
 
 # ---- runtime: python, the venv, the default weights; no compilers, no caches ---------------------------
 FROM ${CUDA_IMAGE} AS runtime

@@ -107,8 +107,12 @@ class Batcher:
             try:
                 return await asyncio.wait_for(self.queue.get(), IDLE_TRIM_S if self._dirty else None)
             except asyncio.TimeoutError:
-                await asyncio.to_thread(release_free_memory)
+                await asyncio.to_thread(self._release)
                 self._dirty = False
+
+    def _release(self) -> None:
+        self.translator.release_memory()
+        release_free_memory()
 
     async def _gather(self) -> list[_Job]:
         batch = [await self._first()]

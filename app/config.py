@@ -18,8 +18,11 @@ class Settings(BaseSettings):
     weights: Path = DEFAULT_WEIGHTS
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        "auto", description="runtime: auto = OpenVINO on CPU when installed (the openvino extra), else torch")
     max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass (1 turns batching off)")
-    max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits to fill up")
+    max_batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a batch waits to fill up (0: it "
+                                     "takes what queued during the previous batch, which is enough on CPU)")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model before 503s")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request, queueing included (504 after)")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)

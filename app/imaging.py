@@ -15,7 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from model.images import draft_for, fitted_size, prepare
 
 FORMATS = {  # name -> (PIL format, media type, save options)
-    "png": ("PNG", "image/png", {"compress_level": 3}),
+    # without fpng: zlib level 1 (painterly noise barely compresses: level 3 or 6 cost 1.4-2x the time for 1-2%)
+    "png": ("PNG", "image/png", {"compress_level": 1}),
     "jpeg": ("JPEG", "image/jpeg", {"quality": 92}),
     "webp": ("WEBP", "image/webp", {"quality": 90}),
 }
@@ -23,6 +24,13 @@ FORMATS = {  # name -> (PIL format, media type, save options)
 # 0.015 bits per pixel; a file with less than 0.01 bits per pixel cannot hold its declared image.
 JPEG_MIN_BYTES_PER_PIXEL_INV = 800
 ACCEPTED_INPUTS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"}
+
+
+try:
+    import fpng as _fpng
+except ImportError:  # not on this platform: Pillow's zlib encoder
+    _fpng = None
+FAST_PNG = _fpng is not None
 
 
 class ImageRejected(ValueError):
@@ -156,7 +164,12 @@ def blend(photo: np.ndarray, painting: np.ndarray, strength: float) -> np.ndarra
 
 
 def encode(array: np.ndarray, fmt: str) -> bytes:
-    """Encode an RGB uint8 array as ``fmt`` (png, jpeg or webp)."""
+    """Encode an RGB uint8 array as ``fmt`` (png, jpeg or webp).
+
+    PNG goes through fpng where it is installed (x86-64): lossless like any PNG, 20-30x faster than zlib
+    (0.2 ms at 256x256, 2 ms at 1024x768 against 5 and 47 ms), for files about 20% larger."""
+    if fmt == "png" and _fpng is not None:
+        return _fpng.from_ndarray(np.ascontiguousarray(array))
     pil_format, _, options = FORMATS[fmt]
     buf = io.BytesIO()
     Image.fromarray(array, "RGB").save(buf, pil_format, **options)

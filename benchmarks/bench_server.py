@@ -1,12 +1,15 @@
-"""Server throughput and latency under N concurrent clients on loopback, beside its ceiling and a plain baseline.
+"""The server beside its model: throughput with 8 clients as a share of the translator alone at its best batch
+size, at 256x256 and at 1024x768; latency at 1 client; and where a request's time goes (Server-Timing).
 
-    python benchmarks/bench_server.py [--clients 8] [--seconds 15] [--weights FILE] [--device auto]
+    python benchmarks/bench_server.py [--clients 8] [--seconds 15] [--weights FILE] [--device auto] [--sizes 256x256,1024x768]
 
-Measured in one run, one after the other:
-  ceiling   the Translator alone, in this process, on batches of --max-batch 256x256 images;
-  batched   `python -m app` with dynamic batching (max batch --max-batch, wait --wait-ms);
-  plain     `python -m app` with batching off (MONET_MAX_BATCH_SIZE=1), the plain-server baseline.
-Clients post 256x256 JPEGs (raw image/jpeg bodies) back to back for --seconds.
+Measured in one run, one after the other, for each size:
+  ceiling   the Translator alone, in this process, on batches of 1, 2, 4, 8 same-size images (its best);
+  server    `python -m app` (dynamic batching, max --max-batch), --clients clients posting JPEGs back to back;
+  1 client  the same server with one client: p50 against the translator's own batch-1 time;
+  plain     at the first size only: the server with batching off (MONET_MAX_BATCH_SIZE=1).
+The server's Server-Timing headers (decode, queue, compute, encode) are averaged; the rest of the latency
+is HTTP, routing and scheduling.
 """
 from __future__ import annotations
 
@@ -33,30 +36,37 @@ from model.translator import DEFAULT_WEIGHTS, Translator  # noqa: E402
 from model.weights import save_generator  # noqa: E402
 
 
-def jpegs(n: int, photos: Path | None) -> list[bytes]:
+def jpegs(n: int, photos: Path | None, size: tuple[int, int] = (256, 256)) -> list[bytes]:
     files = sorted(photos.glob("*.jpg"))[:n] if photos and photos.is_dir() else []
     out = []
     for i in range(n):
         if files:
-            img = Image.open(files[i % len(files)]).convert("RGB").resize((256, 256))
+            img = Image.open(files[i % len(files)]).convert("RGB").resize(size, Image.Resampling.BICUBIC)
         else:
             rng = np.random.default_rng(i)
-            img = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+            y, x = np.mgrid[0 : size[1], 0 : size[0]]
+            base = np.stack([x / size[0], y / size[1], (x + y) / sum(size)], -1) * 200
+            img = Image.fromarray(np.clip(base + rng.normal(0, 15, base.shape), 0, 255).astype(np.uint8))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
 
-def ceiling(weights: Path, device: str, batch: int, seconds: float) -> float:
-    t = Translator.from_file(weights, device=device, max_batch=batch)
-    arr = np.random.default_rng(0).integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8)
-    t.translate_arrays(arr)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+def ceiling(weights: Path, device: str, size: tuple[int, int], seconds: float,
+            batches=(1, 2, 4, 8)) -> tuple[dict[int, float], str]:
+    """Images/s of the Translator alone (as the server loads it) on each batch size, and its backend."""
+    t = Translator.from_file(weights, device=device, max_batch=max(batches))
+    out = {}
+    for batch in batches:
+        arr = np.asarray(Image.open(io.BytesIO(jpegs(1, None, size)[0])))[None].repeat(batch, 0)
         t.translate_arrays(arr)
-        n += batch
-    return n / (time.perf_counter() - start)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / len(batches) or n < 3 * batch:
+            t.translate_arrays(arr)
+            n += batch
+        out[batch] = n / (time.perf_counter() - start)
+    return out, t.backend
 
 
 def start_server(weights: Path, device: str, max_batch: int, wait_ms: float, clients: int):
@@ -64,7 +74,8 @@ def start_server(weights: Path, device: str, max_batch: int, wait_ms: float, cli
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MONET_WEIGHTS": str(weights), "MONET_PORT": str(port), "MONET_DEVICE": device,
-           "MONET_MAX_BATCH_SIZE": str(max_batch), "MONET_MAX_BATCH_WAIT_MS": str(wait_ms),
+           "MONET_MAX_BATCH_SIZE": str(max_batch),
+           **({"MONET_MAX_BATCH_WAIT_MS": str(wait_ms)} if wait_ms is not None else {}),
            "MONET_QUEUE_SIZE": str(max(64, clients * 2)), "MONET_UI": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -80,8 +91,13 @@ def start_server(weights: Path, device: str, max_batch: int, wait_ms: float, cli
     raise SystemExit("server did not become ready")
 
 
+def server_timing(header: str) -> dict[str, float]:
+    parts = (p.strip().split(";dur=") for p in header.split(",") if ";dur=" in p)
+    return {name: float(ms) for name, ms in parts}
+
+
 async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
-    latencies, errors = [], 0
+    latencies, errors, timings = [], 0, []
     stop_at = time.perf_counter() + seconds
 
     async def client(i: int, http: httpx.AsyncClient):
@@ -93,6 +109,7 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> d
                                 headers={"content-type": "image/jpeg"})
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - t0)
+                timings.append(server_timing(r.headers.get("server-timing", "")))
             else:
                 errors += 1
             k += clients
@@ -101,15 +118,28 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> d
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         await client(0, http)  # one warm-up request path
         latencies.clear()
+        timings.clear()
         start = time.perf_counter()
         stop_at = start + seconds
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1000
-    return {"images_per_s": len(latencies) / elapsed, "errors": errors, "n": len(latencies),
+    breakdown = {k: float(np.mean([t.get(k, 0.0) for t in timings])) for k in ("decode", "queue", "compute", "encode")}
+    breakdown["http and the rest"] = float(ms.mean()) - sum(breakdown.values()) if len(ms) else float("nan")
+    return {"images_per_s": len(latencies) / elapsed, "errors": errors, "n": len(latencies), "breakdown": breakdown,
+            "mean": float(ms.mean()) if len(ms) else float("nan"),
             "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
             "p95": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
             "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan")}
+
+
+def run_server(weights, device, max_batch, wait_ms, clients, bodies, seconds) -> dict:
+    proc, url = start_server(weights, device, max_batch, wait_ms, clients)
+    try:
+        return asyncio.run(load(url, bodies, clients, seconds))
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def main() -> None:
@@ -117,32 +147,55 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=15)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--wait-ms", type=float, default=5)
+    p.add_argument("--wait-ms", type=float, default=None, help="MONET_MAX_BATCH_WAIT_MS (default: the server's)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sizes", default="256x256,1024x768", help="upload sizes, WxH")
     p.add_argument("--weights", type=Path, default=None, help="default: weights/ if present, else a random 9-block generator")
     p.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "data" / "photo")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     weights = args.weights or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.exists() else None)
     if weights is None:
         weights = Path(tempfile.mkdtemp()) / "random9.safetensors"
         save_generator(weights, init_weights(ResnetGenerator()))
-    bodies = jpegs(32, args.photos)
-    print(f"weights {weights}; {args.clients} clients; {args.seconds:g} s per run; 256x256 JPEG bodies", flush=True)
-    top = ceiling(weights, args.device, args.max_batch, args.seconds)
-    print(f"ceiling  translator alone, batch {args.max_batch:<2}      : {top:7.2f} images/s", flush=True)
-    results = {}
-    for name, max_batch in (("batched", args.max_batch), ("plain", 1)):
-        proc, url = start_server(weights, args.device, max_batch, args.wait_ms, args.clients)
-        try:
-            results[name] = r = asyncio.run(load(url, bodies, args.clients, args.seconds))
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        label = f"server, batching {'on (max ' + str(max_batch) + ')' if max_batch > 1 else 'off'}"
-        print(f"{name:<8} {label:<30}: {r['images_per_s']:7.2f} images/s  p50 {r['p50']:7.1f} ms  "
-              f"p95 {r['p95']:7.1f} ms  p99 {r['p99']:7.1f} ms  errors {r['errors']}", flush=True)
-    b, plain = results["batched"]["images_per_s"], results["plain"]["images_per_s"]
-    print(f"batched / ceiling = {b / top:.2f}   batched / plain = {b / plain:.2f}")
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    print(f"weights {weights}; {args.clients} clients; {args.seconds:g} s per run", flush=True)
+    report = {}
+    for i, size in enumerate(sizes):
+        label = f"{size[0]}x{size[1]}"
+        bodies = jpegs(16, args.photos, size)
+        top, backend = ceiling(weights, args.device, size, args.seconds)
+        best = max(top, key=top.get)
+        batch1_ms = 1000 / top[1]
+        served = run_server(weights, args.device, args.max_batch, args.wait_ms, args.clients, bodies, args.seconds)
+        one = run_server(weights, args.device, args.max_batch, args.wait_ms, 1, bodies, args.seconds)
+        row = {"backend": backend, "translator": top, "best_batch": best, "server": served, "one_client": one,
+               "server_share_of_translator": served["images_per_s"] / top[best],
+               "one_client_p50_vs_batch1": one["p50"] / batch1_ms}
+        if i == 0:
+            row["plain"] = run_server(weights, args.device, 1, args.wait_ms, args.clients, bodies, args.seconds)
+        report[label] = row
+        print(f"\n{label} JPEG uploads (PNG answers), backend {backend}")
+        print("  translator alone: " + ", ".join(f"batch {b} {v:.2f}/s" for b, v in top.items()) +
+              f"  (best: batch {best})")
+        r = served
+        print(f"  server, {args.clients} clients: {r['images_per_s']:.2f} images/s = "
+              f"**{row['server_share_of_translator']:.0%}** of the translator at batch {best}; "
+              f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, errors {r['errors']}")
+        if "plain" in row:
+            pr = row["plain"]
+            print(f"  plain server (batching off), {args.clients} clients: {pr['images_per_s']:.2f} images/s, "
+                  f"p50 {pr['p50']:.0f} ms, p99 {pr['p99']:.0f} ms")
+        print(f"  1 client: p50 {one['p50']:.1f} ms vs translator batch 1 {batch1_ms:.1f} ms = "
+              f"**{row['one_client_p50_vs_batch1']:.2f}x**")
+        for name, res in (("8 clients", served), ("1 client", one)):
+            b = res["breakdown"]
+            print(f"  where the time goes, {name} (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items()) +
+                  f"; total {res['mean']:.1f}")
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ mkdir -p "$out"
 rm -rf "$run"
 small=()
 bench_small=()
-model_args=(--seconds 5 --batches 1,8,32,64)
+model_args=(--seconds 5 --batches 1,16,32,64,128 --runtimes)
 if [ "${SMOKE:-0}" = 1 ]; then  # a CPU check of this script: tiny networks and crops
-  small=(--ngf 8 --n-blocks 1 --ndf 8 --image-size 64 --batch-size 2 --num-workers 0 --eval-every 5)
+  small=(--ngf 8 --n-blocks 1 --ndf 8 --image-size 64 --batch-size 2 --num-workers 0 --eval-every 10 --steps 20)
   bench_small=(--small --image-size 64)
-  model_args=(--seconds 0.5 --batches 1,2 --ngf 8 --n-blocks 1)
+  model_args=(--seconds 0.5 --batches 1,2)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 
@@ -35,6 +35,11 @@ grep val_kid "$run/metrics.jsonl" > "$out/val_curve.jsonl" || true
 
 python benchmarks/bench_train.py --presets cpu,cyclegan --models cyclegan,fastcut --steps "${BENCH_STEPS:-10}" \
   "${bench_small[@]}" > "$out/bench_train.txt" 2>&1 || true
-python benchmarks/bench_model.py "${model_args[@]}" > "$out/bench_model.txt" 2>&1 || true
+# the shipped generator (in SMOKE mode the tiny one just trained) end to end against the reference, by batch
+# size, with peak GPU memory and the host's share of wall time; --runtimes adds torch.compile max-autotune.
+# (bench_server needs FastAPI, which the GPU machine lacks: it runs unchanged wherever the service is installed.)
+weights=weights/photo2monet.safetensors
+[ "${SMOKE:-0}" = 1 ] && weights="$run/best.safetensors"
+python benchmarks/bench_model.py --weights "$weights" "${model_args[@]}" > "$out/bench_model.txt" 2>&1 || true
 tail -3 "$out/fit.log"
 ls -la "$out"

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the paintings (created if missing)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=f"generator weight file (default {DEFAULT_WEIGHTS})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="runtime: auto = OpenVINO on CPU when installed (the openvino extra), else torch")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--max-side", type=int, default=None, help="downscale inputs whose longer side exceeds this")
     p.add_argument("--format", choices=sorted(FORMATS), default="png", help="output image format")
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
               "and pass it with --weights", file=sys.stderr)
         return 2
     try:
-        translator = Translator.from_file(args.weights, device=args.device, max_batch=args.batch_size)
+        translator = Translator.from_file(args.weights, device=args.device, max_batch=args.batch_size,
+                                          backend=args.backend)
     except (WeightsError, ValueError, NonFiniteOutput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from model.backends import OpenVINORunner, resolve_backend
 from model.images import prepare
 from model.weights import GeneratorInfo, load_generator
 
@@ -81,6 +82,7 @@ class Translator:
         max_batch: int = 8,
         warmup: bool = True,
         max_batch_pixels: int = 2 * 1024 * 1024,
+        backend: str = "auto",
     ):
         self.device = resolve_device(device)
         self.dtype = pick_dtype(self.device, precision)
@@ -92,6 +94,9 @@ class Translator:
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # torch's default can exceed the cores this process may use (containers, taskset)
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        self.backend = resolve_backend(backend, self.device)
+        # OpenVINO on CPU (model/backends.py); None: the torch module itself
+        self._runner = OpenVINORunner(generator, self.dtype) if self.backend == "openvino" else None
         self.generator = generator.to(self.device, self.dtype, memory_format=torch.channels_last).eval()
         self._lock = threading.Lock()
         if warmup:
@@ -134,11 +139,19 @@ class Translator:
         if batch.shape[0] > per_pass:
             return np.concatenate([self.translate_arrays(batch[i : i + per_pass])
                                    for i in range(0, batch.shape[0], per_pass)])
+        if self._runner is not None:
+            return self._translate_openvino(batch)
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
             y = _check_finite(self._forward(x.float().div_(127.5).sub_(1.0)))
             y = y.float().add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
             return y.permute(0, 2, 3, 1).cpu().numpy()
+
+    def release_memory(self) -> None:
+        """Drop what large batches left behind (OpenVINO's buffers); call it when idle."""
+        if self._runner is not None:
+            with self._lock:
+                self._runner.release()
 
     # -- internals --------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,15 +165,31 @@ class Translator:
             half = x.shape[0] // 2
             return torch.cat([self._forward(x[:half]), self._forward(x[half:])])
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+    def _padding(self, h: int, w: int) -> tuple[int, int, int, int, str]:
+        """(top, bottom, left, right, mode) that bring an h x w image to the generator's size multiple."""
         m = self.size_multiple
         least = -(-16 // m) * m  # instance norm needs more than one pixel at the bottleneck
         ph, pw = max((-h) % m, least - h), max((-w) % m, least - w)
-        top, left = ph // 2, pw // 2
-        if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "replicate"
-            x = F.pad(x, (left, pw - left, top, ph - top), mode=mode)
+        return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2, "reflect" if ph < h and pw < w else "replicate"
+
+    def _translate_openvino(self, batch: np.ndarray) -> np.ndarray:
+        """The OpenVINO path: uint8 images straight into the compiled graph (it scales and transposes)."""
+        h, w = batch.shape[1:3]
+        top, bottom, left, right, mode = self._padding(h, w)
+        if top or bottom or left or right:
+            batch = np.pad(batch, ((0, 0), (top, bottom), (left, right), (0, 0)),
+                           mode="reflect" if mode == "reflect" else "edge")
+        with self._lock:
+            y = self._runner(batch)[:, top : top + h, left : left + w]
+        if not np.isfinite(y).all():
+            raise NonFiniteOutput("the generator produced non-finite values (NaN or Inf); its weights are unusable")
+        return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        top, bottom, left, right, mode = self._padding(h, w)
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom), mode=mode)
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         with self._lock, torch.inference_mode():
             y = self.generator(x)  # one forward at a time: concurrent ones only fight over the cores

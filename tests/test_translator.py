@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from model.networks import UnetGenerator, init_weights
+from model.backends import openvino_available, resolve_backend
 from model.translator import Translator
 from tests.conftest import photo, small_generator
 
@@ -124,3 +125,51 @@ def test_from_file_and_device_errors(weights_file):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             Translator.from_file(weights_file, device="cuda")
+
+
+@pytest.mark.skipif(not openvino_available(), reason="the openvino extra is not installed")
+def test_openvino_paints_like_torch_within_one_level():
+    from model.translator import DEFAULT_WEIGHTS
+
+    images = [photo(256, 256, seed=1), photo(200, 120, seed=2)]
+    torch_fp32 = Translator.from_file(DEFAULT_WEIGHTS, device="cpu", precision="fp32", backend="torch")
+    for precision in ("fp32", "auto"):  # auto: bf16 where the CPU has bf16 units
+        ov = Translator.from_file(DEFAULT_WEIGHTS, device="cpu", precision=precision, backend="openvino")
+        assert ov.backend == "openvino"
+        for a, b in zip(torch_fp32.translate(images), ov.translate(images)):
+            assert a.size == b.size
+            mad = np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).mean()
+            assert mad < 1.0, (precision, mad)  # within 1/255 of our own fp32 result
+
+
+def test_backend_choice_is_checked():
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == ("openvino" if openvino_available() else "torch")
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("tensorrt", torch.device("cpu"))
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_backend("openvino", torch.device("cuda"))
+
+
+def test_export_writes_openvino_ir_in_one_command(tmp_path, weights_file):
+    from tests.conftest import run_module
+
+    if not openvino_available():
+        r = run_module("model.backends", "export", str(weights_file), str(tmp_path / "g.xml"))
+        assert r.returncode == 2 and "openvino" in r.stderr
+        return
+    r = run_module("model.backends", "export", str(weights_file), str(tmp_path / "g.xml"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "g.xml").stat().st_size > 0 and (tmp_path / "g.bin").stat().st_size > 0
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(tmp_path / "g.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
+    from model.weights import load_generator
+
+    g, _ = load_generator(weights_file)
+    with torch.no_grad():
+        expected = g.eval()(torch.from_numpy(x)).numpy()
+    assert np.abs(compiled.create_infer_request().infer({0: x})[0] - expected).max() < 1e-3
+    r = run_module("model.backends", "export", str(tmp_path / "missing.safetensors"), str(tmp_path / "h.xml"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
