@@ -104,11 +104,6 @@ def finish_decode(opened: Opened, max_side: int) -> np.ndarray:
         opened.image.close()
 
 
-def decode_upload(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
-    """``open_upload`` then ``finish_decode``, for callers without a decode budget."""
-    return finish_decode(open_upload(data, max_pixels, max_side), max_side)
-
-
 class DecodeBudget:
     """Bytes that decodes in progress may hold together. A decode waits (in order) until its cost fits;
     one that costs more than the whole budget runs alone. When the last decode of a burst finishes, the

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,14 +21,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from serving import free_port, start_app, wait_ready  # benchmarks/serving.py
+
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jpeg(size: int) -> bytes:
@@ -42,30 +36,12 @@ def jpeg(size: int) -> bytes:
     return buf.getvalue()
 
 
-def wait_ok(url: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"error: {url} not ready")
-
-
 def start_replicas(n: int, threads: int) -> list[tuple[subprocess.Popen, int]]:
-    out = []
-    for _ in range(n):
-        port = free_port()
-        env = {**os.environ, "MONET_PORT": str(port), "MONET_UI": "false", "MONET_DEVICE": "cpu",
-               "OMP_NUM_THREADS": str(threads)}
-        proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        out.append((proc, port))
-    for _, port in out:
-        wait_ok(f"http://127.0.0.1:{port}/readyz")
-    return out
+    env = {"MONET_UI": "false", "MONET_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads)}
+    replicas = [start_app(env, ready=False) for _ in range(n)]  # they load their weights side by side
+    for proc, port in replicas:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+    return replicas
 
 
 def start_haproxy(ports: list[int]) -> tuple[subprocess.Popen, str]:
@@ -75,7 +51,7 @@ def start_haproxy(ports: list[int]) -> tuple[subprocess.Popen, str]:
         env[f"MONET_REPLICA{i + 1}"] = f"127.0.0.1:{ports[i % len(ports)]}"
     proc = subprocess.Popen(["haproxy", "-db", "-f", str(CFG)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    wait_ok(f"http://127.0.0.1:{port}/readyz")
+    wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
     return proc, f"http://127.0.0.1:{port}"
 
 

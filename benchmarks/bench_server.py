@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +24,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from serving import start_app  # benchmarks/serving.py
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -69,26 +68,12 @@ def ceiling(weights: Path, device: str, size: tuple[int, int], seconds: float,
     return out, t.backend
 
 
-def start_server(weights: Path, device: str, max_batch: int, wait_ms: float, clients: int):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MONET_WEIGHTS": str(weights), "MONET_PORT": str(port), "MONET_DEVICE": device,
-           "MONET_MAX_BATCH_SIZE": str(max_batch),
-           **({"MONET_MAX_BATCH_WAIT_MS": str(wait_ms)} if wait_ms is not None else {}),
-           "MONET_QUEUE_SIZE": str(max(64, clients * 2)), "MONET_UI": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+def start_server(weights: Path, device: str, max_batch: int, wait_ms: float | None, clients: int):
+    proc, port = start_app({"MONET_WEIGHTS": str(weights), "MONET_DEVICE": device,
+                            "MONET_MAX_BATCH_SIZE": str(max_batch),
+                            **({"MONET_MAX_BATCH_WAIT_MS": str(wait_ms)} if wait_ms is not None else {}),
+                            "MONET_QUEUE_SIZE": str(max(64, clients * 2)), "MONET_UI": "false"})
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def server_timing(header: str) -> dict[str, float]:

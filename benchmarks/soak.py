@@ -35,6 +35,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from serving import start_app  # benchmarks/serving.py
+
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"MONET_UI": "false", "MONET_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024), "MONET_UPLOAD_TIMEOUT_S": "3",
             "MONET_DEVICE": "cpu"}
@@ -140,29 +142,6 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def start_server(weights: Path, tmpdir: Path, port: int, log) -> subprocess.Popen:
-    env = {**os.environ, **SETTINGS, "MONET_WEIGHTS": str(weights), "MONET_PORT": str(port), "TMPDIR": str(tmpdir),
-           "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("error: the server exited during start-up")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("error: the server did not get ready in 180 s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -179,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
 
-    port, host = free_port(), "127.0.0.1"
-    url = f"http://{host}:{port}"
+    host = "127.0.0.1"
     tmpdir = Path(tempfile.mkdtemp(prefix="monet-soak-"))
     log = open(tmpdir.parent / f"{tmpdir.name}.log", "w+")
-    proc = start_server(args.weights, tmpdir, port, log)
+    proc, port = start_app({**SETTINGS, "MONET_WEIGHTS": str(args.weights), "TMPDIR": str(tmpdir)}, stdout=log)
+    url = f"http://{host}:{port}"
     traffic = Traffic()
     try:
         for body, media in traffic.valid:  # warm up every size and format once, then take the baselines
