@@ -2,20 +2,25 @@
 
     python benchmarks/bench_model.py [--device auto|cpu|cuda] [--seconds 5] [--weights FILE] [--runtimes]
 
-1. End to end, batch 1: the reference generator (ResNet-9, ngf 64, eager fp32, torch's default threads,
-   the first script everyone writes: PIL -> tensor -> forward -> PIL) against the shipped generator through
-   `Translator.translate` on each backend (torch; OpenVINO on CPU when installed). Each of ours is also
-   compared with our own fp32 result (mean absolute difference in 8-bit levels; the goal is < 1).
-2. The Translator on batches of 1, 4, 8 (16, 32, 64 on CUDA): its best batch size is the ceiling that
-   bench_server compares the server with.
-3. With --runtimes, forward passes alone on every runtime this machine has, to choose the backend:
+1. End to end, 1 image at a time and 8 at a time: the reference generator (ResNet-9, ngf 64, eager fp32,
+   torch's default threads, the first script everyone writes: PIL -> tensor -> forward -> PIL, its 8 images
+   stacked in one batch) against the shipped generator through `Translator.translate` on each backend
+   (torch; OpenVINO on CPU when installed). Each of ours is also compared with our own fp32 result (mean
+   absolute difference in 8-bit levels; the goal is < 1).
+2. The Translator on batches of 1, 4, 8 (16, 32, 64 on CUDA), with p50 / p99 per call: its best batch
+   size is the ceiling that bench_server compares the server with. On CUDA, the same translator without
+   CUDA graphs beside it, and the largest difference between the two.
+3. JPEG files in, JPEG files out: Pillow decode/encode around the translator against model/gpu.py's device
+   codecs (nvJPEG on CUDA, batched, the pixels never on the host).
+4. With --runtimes, forward passes alone on every runtime this machine has, to choose the backend:
    torch eager fp32 / bf16 channels-last, torch.compile with freezing (CPU) or max-autotune (CUDA),
-   ONNX Runtime, OpenVINO bf16 / f32.
+   ONNX Runtime, OpenVINO bf16 (our graph and the original) / f32, OpenVINO with one stream per core.
 On CUDA it also reports peak GPU memory and the share of wall time the host spends outside the GPU.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -29,10 +34,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.backends import openvino_available  # noqa: E402
-from model.networks import ResnetGenerator, init_weights  # noqa: E402
+from model.backends import cpu_cores, openvino_available  # noqa: E402
+from model.networks import ResnetGenerator, for_inference, init_weights  # noqa: E402
 from model.translator import DEFAULT_WEIGHTS, Translator, resolve_device  # noqa: E402
 from model.weights import load_generator  # noqa: E402
+
+
+E2E_BATCHES = (1, 8)
 
 
 def sync(device: torch.device) -> None:
@@ -40,17 +48,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+LATENCIES: list[float] = []  # seconds per call of the last ``timed`` run
+
+
 def timed(fn, images_per_call: int, seconds: float, device: torch.device, warmup: int = 2) -> float:
-    """Images per second of ``fn`` over at least ``seconds`` (and 3 calls), after ``warmup`` calls."""
+    """Images per second of ``fn`` over at least ``seconds`` (and 3 calls), after ``warmup`` calls; the
+    per-call times land in LATENCIES."""
     for _ in range(warmup):
         fn()
     sync(device)
+    LATENCIES.clear()
     calls, start = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
         fn()
+        sync(device)
+        LATENCIES.append(time.perf_counter() - t0)
         calls += 1
-    sync(device)
     return calls * images_per_call / (time.perf_counter() - start)
+
+
+def percentile_ms(q: float) -> float:
+    return float(np.percentile(LATENCIES, q)) * 1000
 
 
 def photos(n: int) -> list[Image.Image]:
@@ -72,14 +91,17 @@ def runtimes(weights: Path, device: torch.device, seconds: float) -> dict[str, f
     out = {}
     x = torch.rand(1, 3, 256, 256) * 2 - 1
 
-    def fresh():
-        return load_generator(weights)[0].eval()
+    def fresh(rewrite: bool = True):
+        g = load_generator(weights)[0].eval()
+        return for_inference(g) if rewrite else g
 
     g = fresh().to(device)
     xd = x.to(device)
     with torch.inference_mode():
         if device.type == "cpu":
             out["torch eager fp32"] = timed(lambda: g(xd), 1, seconds, device)
+            original = fresh(rewrite=False)
+            out["torch eager fp32, original graph"] = timed(lambda: original(xd), 1, seconds, device)
         half = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
         gb = fresh().to(device, half, memory_format=torch.channels_last)
         xb = xd.to(half).contiguous(memory_format=torch.channels_last)
@@ -118,12 +140,23 @@ def runtimes(weights: Path, device: torch.device, seconds: float) -> dict[str, f
 
         from model.backends import convert
 
-        model = convert(fresh())
-        for hint in ("bf16", "f32"):
-            request = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                            "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
-            xn = x.numpy()
-            out[f"OpenVINO {hint}"] = timed(lambda: request.infer({0: xn}), 1, seconds, device)
+        xn = x.numpy()
+        for name, rewrite, hint in (("OpenVINO bf16", True, "bf16"), ("OpenVINO bf16, original graph", False, "bf16"),
+                                    ("OpenVINO f32", True, "f32")):
+            request = ov.Core().compile_model(convert(fresh(), rewrite=rewrite), "CPU", {
+                "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+            out[name] = timed(lambda: request.infer({0: xn}), 1, seconds, device)
+        streams = cpu_cores()
+        if streams > 1:  # the throughput form the Translator uses for batches: one stream per core
+            queue = ov.AsyncInferQueue(ov.Core().compile_model(convert(fresh()), "CPU", {
+                "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams}), streams)
+
+            def many():
+                for _ in range(streams):
+                    queue.start_async({0: xn})
+                queue.wait_all()
+
+            out[f"OpenVINO bf16, {streams} streams ({streams} images at a time)"] = timed(many, streams, seconds, device)
     return out
 
 
@@ -142,16 +175,17 @@ def main() -> None:
     images = photos(8)
     results: dict = {"device": str(device), "cpu": cpu_name(), "torch_threads_default": default_threads}
 
-    # 1. reference, end to end
+    # 1. end to end, 1 image at a time and 8 at a time, the reference and ours
     reference = init_weights(ResnetGenerator(ngf=64, n_blocks=9)).to(device).eval()
 
-    def reference_call():
-        x = torch.from_numpy(np.asarray(images[0], np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device)
+    def reference_call(n: int):
+        x = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1)
+                         for im in images[:n]]).to(device)
         with torch.no_grad():
-            y = reference(x)[0].permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(np.clip((y + 1) * 127.5, 0, 255).round().astype(np.uint8))
+            y = reference(x).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.clip((a + 1) * 127.5, 0, 255).round().astype(np.uint8)) for a in y]
 
-    base = timed(reference_call, 1, args.seconds, device)
+    base = {n: timed(lambda: reference_call(n), n, args.seconds, device) for n in E2E_BATCHES}
     results["reference_images_per_s"] = base
     fp32 = Translator.from_file(args.weights, device=str(device), precision="fp32", backend="torch")
     truth = fp32.translate(images)
@@ -159,11 +193,13 @@ def main() -> None:
     ours = {}
     for backend in backends:
         t = Translator.from_file(args.weights, device=str(device), backend=backend, max_batch=64)
-        ips = timed(lambda: t.translate(images[:1]), 1, args.seconds, device)
-        ours[backend] = {"dtype": str(t.dtype)[6:], "images_per_s": ips, "vs_reference": ips / base,
+        ips = {n: timed(lambda: t.translate(images[:n]), n, args.seconds, device) for n in E2E_BATCHES}
+        ours[backend] = {"dtype": str(t.dtype)[6:], "images_per_s": ips,
+                         "vs_reference": {n: ips[n] / base[n] for n in E2E_BATCHES},
+                         "best_vs_best_reference": max(ips.values()) / max(base.values()),
                          "mad_levels_vs_fp32": mad(truth, t.translate(images))}
     results["end_to_end"] = ours
-    best_backend = max(ours, key=lambda b: ours[b]["images_per_s"])
+    best_backend = max(ours, key=lambda b: max(ours[b]["images_per_s"].values()))
     results["best_backend"] = best_backend
 
     # 2. the Translator on batches (the server's ceiling)
@@ -173,10 +209,19 @@ def main() -> None:
     results["translator_batches"] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    eager = None
+    if device.type == "cuda" and best_backend == "torch":  # the same translator without CUDA graphs, to compare
+        eager = Translator.from_file(args.weights, device=str(device), backend="torch", max_batch=max(batches),
+                                     cuda_graphs=False)
+        results["eager_batches"], results["graphs_vs_eager_max_levels"] = {}, 0
     for b in batches:
         batch = rng.integers(0, 256, (b, 256, 256, 3), dtype=np.uint8)
         ips = timed(lambda: t.translate_arrays(batch), b, args.seconds, device)
-        results["translator_batches"][b] = ips
+        results["translator_batches"][b] = {"images_per_s": ips, "p50_ms": percentile_ms(50), "p99_ms": percentile_ms(99)}
+        if eager is not None:
+            results["eager_batches"][b] = timed(lambda: eager.translate_arrays(batch), b, args.seconds, device)
+            diff = np.abs(t.translate_arrays(batch).astype(int) - eager.translate_arrays(batch)).max()
+            results["graphs_vs_eager_max_levels"] = max(results["graphs_vs_eager_max_levels"], int(diff))
         if device.type == "cuda":  # host share: wall time not covered by GPU kernels, on a probe batch
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             wall = time.perf_counter()
@@ -186,6 +231,34 @@ def main() -> None:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - wall) * 1000
             results.setdefault("host_share", {})[b] = max(0.0, 1 - start.elapsed_time(end) / wall) if wall else 0.0
+
+    # 3. JPEG files in, JPEG files out: Pillow around the translator, against the device codecs (model/gpu.py:
+    # nvJPEG on CUDA, pixels never on the host; torchvision's libjpeg on CPU)
+    from model.gpu import paint_jpegs
+
+    n_files = max(batches)
+    blobs = []
+    for img in photos(n_files):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=95)
+        blobs.append(buf.getvalue())
+    torch_t = t if best_backend == "torch" else Translator.from_file(args.weights, device=str(device),
+                                                                     backend=best_backend, max_batch=n_files)
+
+    def with_pillow():
+        out = []
+        for painting in torch_t.translate([Image.open(io.BytesIO(b)) for b in blobs]):
+            buf = io.BytesIO()
+            painting.save(buf, "JPEG", quality=95)
+            out.append(buf.getvalue())
+        return out
+
+    pil_ips = timed(with_pillow, n_files, args.seconds, device)
+    pil_p50 = percentile_ms(50)
+    dev_ips = timed(lambda: paint_jpegs(torch_t, blobs, quality=95), n_files, args.seconds, device)
+    results["jpeg_files"] = {"files_per_call": n_files, "pillow_images_per_s": pil_ips, "pillow_p50_ms": pil_p50,
+                             "device_codec_images_per_s": dev_ips, "device_codec_p50_ms": percentile_ms(50),
+                             "device_codec_p99_ms": percentile_ms(99)}
     if device.type == "cuda":
         results["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if args.runtimes:
@@ -195,14 +268,27 @@ def main() -> None:
         print(json.dumps(results))
         return
     print(f"{results['cpu']}; device {device}; 256x256; torch {torch.__version__}, {default_threads} threads by default")
-    print("| end to end, batch 1 (PIL in, PIL out) | images/s | vs reference | MAD vs our fp32 (levels) |")
-    print("| --- | --- | --- | --- |")
-    print(f"| reference: ResNet-9, ngf 64, eager fp32 | {base:.2f} | 1.00x | |")
+    print("| end to end (PIL in, PIL out) | 1 image at a time | vs reference | 8 at a time | vs reference "
+          "| MAD vs our fp32 (levels) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| reference: ResNet-9, ngf 64, eager fp32 | {base[1]:.2f} | 1.00x | {base[8]:.2f} | 1.00x | |")
     for backend, r in ours.items():
-        print(f"| {args.weights.name}, Translator, {backend} {r['dtype']} | {r['images_per_s']:.2f} | "
-              f"**{r['vs_reference']:.2f}x** | {r['mad_levels_vs_fp32']:.3f} |")
-    print(f"translator ({best_backend}) by batch size:",
-          ", ".join(f"batch {b}: {v:.2f} images/s" for b, v in results["translator_batches"].items()))
+        ips, vs = r["images_per_s"], r["vs_reference"]
+        print(f"| {args.weights.name}, Translator, {backend} {r['dtype']} | {ips[1]:.2f} | **{vs[1]:.2f}x** | "
+              f"{ips[8]:.2f} | **{vs[8]:.2f}x** | {r['mad_levels_vs_fp32']:.3f} |")
+    print(f"best of ours / best of the reference: {ours[best_backend]['best_vs_best_reference']:.2f}x ({best_backend})")
+    print(f"translator ({best_backend}) by batch size (images/s, p50 / p99 per batch):",
+          ", ".join(f"batch {b}: {v['images_per_s']:.2f} ({v['p50_ms']:.1f} / {v['p99_ms']:.1f} ms)"
+                    for b, v in results["translator_batches"].items()))
+    if "eager_batches" in results:
+        print("same translator without CUDA graphs:", ", ".join(f"batch {b}: {v:.2f} images/s ("
+              f"graphs {results['translator_batches'][b]['images_per_s'] / v:.2f}x)" for b, v in results["eager_batches"].items()),
+              f"; largest difference {results['graphs_vs_eager_max_levels']} levels")
+    jf = results["jpeg_files"]
+    print(f"JPEG files in and out, {jf['files_per_call']} per call: Pillow codecs {jf['pillow_images_per_s']:.2f} images/s, "
+          f"device codecs (model/gpu.py) {jf['device_codec_images_per_s']:.2f} images/s "
+          f"({jf['device_codec_images_per_s'] / jf['pillow_images_per_s']:.2f}x; p50 {jf['device_codec_p50_ms']:.1f} ms, "
+          f"p99 {jf['device_codec_p99_ms']:.1f} ms per call)")
     if "host_share" in results:
         print("host share of wall time:", ", ".join(f"batch {b}: {v:.0%}" for b, v in results["host_share"].items()),
               f"; peak GPU memory {results['gpu_peak_memory_mib']:.0f} MiB")

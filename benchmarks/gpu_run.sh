@@ -6,6 +6,7 @@
 #   OUT=/tmp/out benchmarks/gpu_run.sh [MINUTES]       # there: run with carry [".data/gpu"]
 #
 # Tested on CPU with a tiny budget: SMOKE=1 OUT=/tmp/out benchmarks/gpu_run.sh 0.2
+# Files: gpu.txt fit.log best.safetensors val_curve.jsonl bench_train.txt bench_model.txt translate.txt (7 of 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes=${1:-7}
@@ -41,5 +42,13 @@ python benchmarks/bench_train.py --presets cpu,cyclegan --models cyclegan,fastcu
 weights=weights/photo2monet.safetensors
 [ "${SMOKE:-0}" = 1 ] && weights="$run/best.safetensors"
 python benchmarks/bench_model.py --weights "$weights" "${model_args[@]}" > "$out/bench_model.txt" 2>&1 || true
+# the Kaggle use: a folder of JPEG photos to a zip of JPEG paintings (nvJPEG decode and encode on CUDA)
+n_files=${TRANSLATE_FILES:-100000}
+[ "${SMOKE:-0}" = 1 ] && n_files=16
+mapfile -t inputs < <(find "$data/photo" -name '*.jpg' | sort | head -n "$n_files")
+start=$(date +%s%N)
+python -m model.translate "${inputs[@]}" --weights "$weights" --out /tmp/monet_out --format jpeg \
+  --batch-size 64 --zip /tmp/monet_out.zip > "$out/translate.txt" 2>&1 || true
+echo "${#inputs[@]} files in $(( ($(date +%s%N) - start) / 1000000 )) ms, model load included" >> "$out/translate.txt"
 tail -3 "$out/fit.log"
 ls -la "$out"

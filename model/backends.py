@@ -44,24 +44,32 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class _UInt8Images(nn.Module):
-    """uint8 (N, H, W, 3) images in, float (N, H, W, 3) pixel values out (0-255, not yet rounded or
-    clipped, so NaN stays visible): the scaling and layout changes run inside OpenVINO's graph."""
+    """uint8 (N, H, W, 3) images in; uint8 (N, H, W, 3) paintings out, with the sum of the generator's raw
+    output beside them, which is NaN exactly when some output value is (tanh never gives Inf). Scaling,
+    layout changes, rounding (half to even, like numpy's rint) and clamping all run inside OpenVINO's
+    graph, so no float copy of the images reaches Python."""
 
     def __init__(self, generator: nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.generator(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
-        return (y.permute(0, 2, 3, 1) + 1.0) * 127.5
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.generator(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0).permute(0, 2, 3, 1)
+        return torch.round((y + 1.0) * 127.5).clamp(0, 255).to(torch.uint8), y.sum()
 
 
-def convert(generator: nn.Module, uint8_images: bool = False):
+def convert(generator: nn.Module, uint8_images: bool = False, rewrite: bool = True):
     """The generator as an OpenVINO model for any batch and image size: (N, 3, H, W) float32 in [-1, 1]
-    (the network as it is), or with ``uint8_images`` (N, H, W, 3) uint8 in, (N, H, W, 3) 0-255 float out."""
+    (the network as it is), or with ``uint8_images`` (N, H, W, 3) uint8 in, (N, H, W, 3) uint8 and the
+    output's sum out (see _UInt8Images). The graph is ``for_inference``'s form of the generator (the
+    network as trained with ``rewrite=False``, for comparison)."""
     import openvino as ov
 
+    from model.networks import for_inference
+
     module = copy.deepcopy(generator).float().eval()
+    if rewrite:
+        module = for_inference(module)
     side = max(64, int(getattr(generator, "size_multiple", 4)))  # a U-Net traces at 256 at least
     if uint8_images:
         module, example = _UInt8Images(module).eval(), torch.zeros(1, side, side, 3, dtype=torch.uint8)
@@ -73,41 +81,76 @@ def convert(generator: nn.Module, uint8_images: bool = False):
         return ov.convert_model(module, example_input=example, input=shape)
 
 
-class OpenVINORunner:
-    """The generator compiled by OpenVINO: uint8 (N, H, W, 3) images in, 0-255 float pixel values out.
+def cpu_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
 
-    The compiled model keeps the buffers of the largest batch it ran; ``release`` drops them after large
-    images (recompiling takes about 0.1 s, on the next call)."""
+
+class OpenVINORunner:
+    """The generator compiled by OpenVINO: uint8 (N, H, W, 3) images in, uint8 paintings out.
+
+    It is compiled twice. One image, or a batch of large ones, runs on the latency form (one stream using
+    every core). A batch of several small ones (up to 512x512) goes through the throughput form: one stream
+    per core, each image on one core, no cross-core sync per layer (bench_model: a few percent more
+    images/s on 2 cores).
+
+    The compiled models keep the buffers of the largest batch they ran; ``release`` drops them after
+    large images (recompiling takes about 0.1 s, on the next call)."""
 
     RELEASE_ABOVE_PIXELS = 700_000  # a batch this large (a 1024x768 photo) leaves hundreds of MB behind
+    # larger images always take the latency form: one core per image gains little there, and each stream
+    # would keep a large image's buffers of its own (16 concurrent 1024x1024 uploads: 2.06 GB, not 1.8)
+    THROUGHPUT_MAX_PIXELS = 512 * 512
 
-    def __init__(self, generator: nn.Module, dtype: torch.dtype):
+    def __init__(self, generator: nn.Module, dtype: torch.dtype, streams: int | None = None):
         hint = "bf16" if dtype == torch.bfloat16 else "f32"  # fp32 where the CPU has no bf16 units
-        self.config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-        if "OMP_NUM_THREADS" in os.environ:
-            self.config["INFERENCE_NUM_THREADS"] = int(os.environ["OMP_NUM_THREADS"])
+        threads = int(os.environ.get("OMP_NUM_THREADS") or cpu_cores())
+        self.streams = max(1, min(threads, streams if streams is not None else threads))
+        self.config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        self.throughput_config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT",
+                                  "NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": threads}
         self.model = convert(generator, uint8_images=True)
-        self.request = None
+        self.request = self.queue = None
         self.peak_pixels = 0
-        self._compile()
+        self._compile(many=False)
+        if self.streams > 1:
+            self._compile(many=True)
 
-    def _compile(self) -> None:
+    def _compile(self, many: bool) -> None:
         import openvino as ov
 
-        self.compiled = ov.Core().compile_model(self.model, "CPU", self.config)
-        self.request = self.compiled.create_infer_request()
+        if many:
+            compiled = ov.Core().compile_model(self.model, "CPU", self.throughput_config)
+            self.queue = ov.AsyncInferQueue(compiled, self.streams)
+        else:
+            self.request = ov.Core().compile_model(self.model, "CPU", self.config).create_infer_request()
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        if self.request is None:
-            self._compile()
-        self.peak_pixels = max(self.peak_pixels, images.shape[0] * images.shape[1] * images.shape[2])
-        return self.request.infer({0: np.ascontiguousarray(images)})[0]
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(paintings, finite): ``finite`` is False if the generator gave NaN anywhere."""
+        images = np.ascontiguousarray(images)
+        if images.shape[0] == 1 or self.streams == 1 or images.shape[1] * images.shape[2] > self.THROUGHPUT_MAX_PIXELS:
+            self.peak_pixels = max(self.peak_pixels, images.shape[0] * images.shape[1] * images.shape[2])
+            if self.request is None:
+                self._compile(many=False)
+            out = self.request.infer({0: images})
+            return out[0], bool(np.isfinite(out[1]))
+        if self.queue is None:
+            self._compile(many=True)
+        results: list = [None] * images.shape[0]
+
+        def done(request, i):  # copy out: the request's buffers are reused by its next job
+            results[i] = (request.get_output_tensor(0).data.copy(), float(request.get_output_tensor(1).data))
+
+        self.queue.set_callback(done)
+        for i in range(images.shape[0]):  # one image per job: each stream takes the next when it is free
+            self.queue.start_async({0: images[i : i + 1]}, i)
+        self.queue.wait_all()
+        return np.concatenate([r[0] for r in results]), all(np.isfinite(r[1]) for r in results)
 
     def release(self) -> bool:
         """Free the buffers of large batches (True if there were any)."""
         if self.peak_pixels <= self.RELEASE_ABOVE_PIXELS:
             return False
-        self.request = self.compiled = None
+        self.request = None  # the throughput form never sees large images
         self.peak_pixels = 0
         return True
 

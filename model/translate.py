@@ -40,6 +40,13 @@ def _open(path: Path) -> Image.Image:
         return img.copy() if img.mode != "P" else img.convert("RGBA")
 
 
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None  # reported by the Pillow path, which tries again
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model.translate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=int, default=None, help="downscale inputs whose longer side exceeds this")
     p.add_argument("--format", choices=sorted(FORMATS), default="png", help="output image format")
     p.add_argument("--zip", type=Path, default=None, help="also pack all outputs into this zip archive")
+    p.add_argument("--codec", choices=["auto", "pil", "torchvision"], default="auto",
+                   help="JPEG decoding and encoding: torchvision keeps the pixels on the device (nvJPEG on CUDA) for "
+                        "JPEG in and --format jpeg out; other files still go through Pillow. auto = torchvision on "
+                        "CUDA with --format jpeg, else pil")
     return p
 
 
@@ -75,14 +86,32 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     pil_format, ext, save_kw = FORMATS[args.format]
+    device_codec = args.format == "jpeg" and (args.codec == "torchvision" or (
+        args.codec == "auto" and translator.device.type == "cuda"))
+    if device_codec:
+        from model.gpu import paint_jpegs
     args.out.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, str]] = []
     from tqdm import tqdm
 
     with tqdm(total=len(files), unit="img", disable=None) as bar:
         for start in range(0, len(files), args.batch_size):
+            batch = files[start : start + args.batch_size]
+            if device_codec:  # JPEG in, JPEG out, pixels on the device; what it can't take goes through Pillow
+                blobs = [_read(path) for path, _ in batch]
+                try:
+                    painted = paint_jpegs(translator, [b or b"" for b in blobs], args.max_side, save_kw["quality"])
+                except NonFiniteOutput as exc:
+                    print(f"error: {args.weights}: {exc}", file=sys.stderr)
+                    return 2
+                for (path, rel), data in zip(batch, painted):
+                    if data is not None:
+                        target = args.out / rel.with_suffix(ext)
+                        atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+                        written.append((target, rel.with_suffix(ext).as_posix()))
+                batch = [item for item, data in zip(batch, painted) if data is None]
             chunk, images = [], []
-            for path, rel in files[start : start + args.batch_size]:
+            for path, rel in batch:
                 try:
                     images.append(_open(path))
                     chunk.append(rel)

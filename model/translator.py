@@ -14,6 +14,7 @@ from torch import nn
 
 from model.backends import OpenVINORunner, resolve_backend
 from model.images import prepare
+from model.networks import for_inference
 from model.weights import GeneratorInfo, load_generator
 
 # The shipped generator; MONET_WEIGHTS names another (the container image sets it too).
@@ -60,10 +61,35 @@ class NonFiniteOutput(RuntimeError):
     """The generator produced NaN or Inf for a batch: a fault of the weights, never of the input image."""
 
 
-def _check_finite(y: torch.Tensor) -> torch.Tensor:
-    if not bool(torch.isfinite(y).all()):
-        raise NonFiniteOutput("the generator produced non-finite values (NaN or Inf); its weights are unusable")
-    return y
+_NON_FINITE = "the generator produced non-finite values (NaN or Inf); its weights are unusable"
+
+
+def padding_for(h: int, w: int, multiple: int) -> tuple[int, int, int, int, str]:
+    """(top, bottom, left, right, mode) that bring an h x w image to a multiple of ``multiple``."""
+    least = -(-16 // multiple) * multiple  # instance norm needs more than one pixel at the bottleneck
+    ph, pw = max((-h) % multiple, least - h), max((-w) % multiple, least - w)
+    return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2, "reflect" if ph < h and pw < w else "replicate"
+
+
+class _Painter(nn.Module):
+    """The whole torch path in one module, so CUDA graphs can capture it: uint8 (N, H, W, 3) images in;
+    uint8 paintings of the same shape and an all-finite flag out, on the generator's device and dtype."""
+
+    def __init__(self, generator: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.generator, self.dtype = generator, dtype
+        self.size_multiple = int(getattr(generator, "size_multiple", 4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = x.shape[1:3]
+        top, bottom, left, right, mode = padding_for(h, w, self.size_multiple)
+        y = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        if top or bottom or left or right:
+            y = F.pad(y, (left, right, top, bottom), mode=mode)
+        y = self.generator(y.to(self.dtype).contiguous(memory_format=torch.channels_last))
+        y = y[..., top : top + h, left : left + w].float()
+        finite = torch.isfinite(y).all()
+        return y.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous(), finite
 
 
 class Translator:
@@ -83,6 +109,7 @@ class Translator:
         warmup: bool = True,
         max_batch_pixels: int = 2 * 1024 * 1024,
         backend: str = "auto",
+        cuda_graphs: bool = True,
     ):
         self.device = resolve_device(device)
         self.dtype = pick_dtype(self.device, precision)
@@ -97,7 +124,16 @@ class Translator:
         self.backend = resolve_backend(backend, self.device)
         # OpenVINO on CPU (model/backends.py); None: the torch module itself
         self._runner = OpenVINORunner(generator, self.dtype) if self.backend == "openvino" else None
-        self.generator = generator.to(self.device, self.dtype, memory_format=torch.channels_last).eval()
+        generator = for_inference(generator.eval())  # the same function, faster (model/networks.py)
+        self.generator = generator.to(self.device, self.dtype, memory_format=torch.channels_last)
+        self._painter = _Painter(self.generator, self.dtype)
+        self._graphs = None
+        if self.device.type == "cuda" and self._runner is None:
+            torch.backends.cudnn.benchmark = True  # sizes repeat; each new one is timed once
+            if cuda_graphs:
+                from model.gpu import CudaGraphs
+
+                self._graphs = CudaGraphs(self._painter)
         self._lock = threading.Lock()
         if warmup:
             self.translate_arrays(np.zeros((1, 256, 256, 3), dtype=np.uint8))
@@ -141,11 +177,35 @@ class Translator:
                                    for i in range(0, batch.shape[0], per_pass)])
         if self._runner is not None:
             return self._translate_openvino(batch)
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
-            y = _check_finite(self._forward(x.float().div_(127.5).sub_(1.0)))
-            y = y.float().add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
-            return y.permute(0, 2, 3, 1).cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        return self.translate_tensor(x).cpu().numpy()
+
+    def translate_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """Translate a uint8 tensor of shape (N, H, W, 3) of same-size RGB images on this translator's device;
+        returns the paintings in the same shape, on the same device (no host copy on CUDA)."""
+        per_pass = max(1, self.max_batch_pixels // (batch.shape[1] * batch.shape[2]))
+        if batch.shape[0] > per_pass:
+            return torch.cat([self.translate_tensor(batch[i : i + per_pass]) for i in range(0, batch.shape[0], per_pass)])
+        if self._runner is not None:
+            return torch.from_numpy(self._translate_openvino(batch.cpu().numpy()))
+        y, finite = self._forward(batch)
+        if not bool(finite):
+            raise NonFiniteOutput(_NON_FINITE)
+        return y
+
+    def translate_tensors(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Translate uint8 (H, W, 3) images of any sizes on this translator's device, same-size ones together in
+        batches of at most ``max_batch``; returns one painting per image, in order, on the same device."""
+        out: list[torch.Tensor | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, img in enumerate(images):
+            groups[tuple(img.shape[:2])].append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.max_batch):
+                chunk = indices[start : start + self.max_batch]
+                for i, y in zip(chunk, self.translate_tensor(torch.stack([images[i] for i in chunk]))):
+                    out[i] = y
+        return out
 
     def release_memory(self) -> None:
         """Drop what large batches left behind (OpenVINO's buffers); call it when idle."""
@@ -154,8 +214,8 @@ class Translator:
                 self._runner.release()
 
     # -- internals --------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad to the generator's size multiple, run, crop back; split the batch on CUDA OOM."""
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paint a uint8 batch on the device; split the batch on CUDA OOM."""
         try:
             return self._run(x)
         except _OOM:
@@ -163,14 +223,12 @@ class Translator:
                 raise
             torch.cuda.empty_cache()
             half = x.shape[0] // 2
-            return torch.cat([self._forward(x[:half]), self._forward(x[half:])])
+            (a, fa), (b, fb) = self._forward(x[:half]), self._forward(x[half:])
+            return torch.cat([a, b]), fa & fb
 
     def _padding(self, h: int, w: int) -> tuple[int, int, int, int, str]:
         """(top, bottom, left, right, mode) that bring an h x w image to the generator's size multiple."""
-        m = self.size_multiple
-        least = -(-16 // m) * m  # instance norm needs more than one pixel at the bottleneck
-        ph, pw = max((-h) % m, least - h), max((-w) % m, least - w)
-        return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2, "reflect" if ph < h and pw < w else "replicate"
+        return padding_for(h, w, self.size_multiple)
 
     def _translate_openvino(self, batch: np.ndarray) -> np.ndarray:
         """The OpenVINO path: uint8 images straight into the compiled graph (it scales and transposes)."""
@@ -180,17 +238,11 @@ class Translator:
             batch = np.pad(batch, ((0, 0), (top, bottom), (left, right), (0, 0)),
                            mode="reflect" if mode == "reflect" else "edge")
         with self._lock:
-            y = self._runner(batch)[:, top : top + h, left : left + w]
-        if not np.isfinite(y).all():
-            raise NonFiniteOutput("the generator produced non-finite values (NaN or Inf); its weights are unusable")
-        return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+            y, finite = self._runner(batch)
+        if not finite:
+            raise NonFiniteOutput(_NON_FINITE)
+        return np.ascontiguousarray(y[:, top : top + h, left : left + w]) if top or bottom or left or right else y
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        top, bottom, left, right, mode = self._padding(h, w)
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom), mode=mode)
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        with self._lock, torch.inference_mode():
-            y = self.generator(x)  # one forward at a time: concurrent ones only fight over the cores
-        return y[..., top : top + h, left : left + w]
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock, torch.inference_mode():  # one forward at a time: concurrent ones only fight over the cores
+            return (self._graphs or self._painter)(x)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model.networks import PatchDiscriminator, ResnetGenerator, UnetGenerator, build_generator, init_weights
+from model.networks import (PatchDiscriminator, PhaseConvTanh, ResnetGenerator, UnetGenerator, build_generator,
+                            for_inference, init_weights)
 
 
 def count(module: torch.nn.Module) -> int:
@@ -58,3 +59,25 @@ def test_resize_upsampling_keeps_the_parameter_count_and_shape():
         assert resize(torch.zeros(1, 3, 36, 44)).shape == (1, 3, 36, 44)
     with pytest.raises(ValueError, match="upsample"):
         ResnetGenerator(upsample="pixelshuffle")
+
+
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+def test_for_inference_computes_the_same_function(upsample):
+    torch.manual_seed(0)
+    g = init_weights(ResnetGenerator(ngf=8, n_blocks=2, upsample=upsample), gain=0.2).eval()
+    fast = for_inference(g)
+    assert isinstance(fast[-1], PhaseConvTanh) and fast.size_multiple == g.size_multiple
+    assert fast.settings == g.settings
+    with torch.no_grad():
+        for h, w in ((64, 64), (40, 56), (16, 100)):
+            x = torch.rand(2, 3, h, w) * 2 - 1
+            expected, got = g(x), fast(x)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_for_inference_leaves_other_generators_and_rejects_other_convolutions():
+    unet = UnetGenerator(ngf=8)
+    assert for_inference(unet) is unet
+    with pytest.raises(ValueError, match="stride-1"):
+        PhaseConvTanh(torch.nn.Conv2d(8, 3, 3, stride=2))

@@ -173,3 +173,27 @@ def test_export_writes_openvino_ir_in_one_command(tmp_path, weights_file):
     assert np.abs(compiled.create_infer_request().infer({0: x})[0] - expected).max() < 1e-3
     r = run_module("model.backends", "export", str(tmp_path / "missing.safetensors"), str(tmp_path / "h.xml"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.skipif(not openvino_available(), reason="the openvino extra is not installed")
+def test_openvino_reports_nan_output_for_one_image_and_for_a_batch():
+    from model.translator import NonFiniteOutput
+
+    g = small_generator(seed=3)
+    with torch.no_grad():
+        # loading would refuse such a file, so the output check is the last line; poisoned after the last
+        # ReLU, since OpenVINO's ReLU (a max with 0) turns NaN into 0
+        g.model[-2].bias[0] = float("nan")
+    ov = Translator(g, device="cpu", precision="fp32", warmup=False, backend="openvino", max_batch=4)
+    for n in (1, 3):  # one image: the latency form; several: split across the throughput form's streams
+        with pytest.raises(NonFiniteOutput):
+            ov.translate([photo(32, 32, seed=i) for i in range(n)])
+
+
+@pytest.mark.skipif(not openvino_available(), reason="the openvino extra is not installed")
+def test_openvino_batches_split_across_streams_paint_like_single_images():
+    ov = Translator(small_generator(seed=4), device="cpu", precision="fp32", backend="openvino", max_batch=8)
+    images = [photo(48, 40, seed=i) for i in range(5)]
+    batched = ov.translate(images)
+    for img, b in zip(images, batched):
+        assert np.abs(as_array(ov.translate([img])[0]) - as_array(b)).max() <= 1

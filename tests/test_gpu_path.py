@@ -1,0 +1,114 @@
+"""The GPU path (model/gpu.py) on the device this machine has: torchvision's codecs on CPU stand in for
+nvJPEG, the same code otherwise; CUDA graphs are checked only where CUDA is."""
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from model.gpu import BATCH_BUCKETS, decode_jpegs, encode_jpegs, fit_tensor, jpeg_orientation, paint_jpegs
+from model.translator import Translator
+from tests.conftest import ROOT, photo, small_generator
+
+
+def jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoded_jpegs_are_upright_exactly_as_pillow_turns_them(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    blob = jpeg(photo(50, 30, seed=orientation), exif=exif)
+    assert jpeg_orientation(blob) == orientation
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB"))
+    got = decode_jpegs([blob], "cpu")[0].permute(1, 2, 0).numpy()
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_files_the_device_decoder_cannot_take_come_back_as_none():
+    good, grey = jpeg(photo(40, 40, seed=1)), jpeg(photo(40, 40, seed=2).convert("L"))
+    cmyk, png = jpeg(photo(40, 40, seed=3).convert("CMYK")), io.BytesIO()
+    photo(40, 40).save(png, "PNG")
+    out = decode_jpegs([good, cmyk, png.getvalue(), b"not an image", grey, good[:300]], "cpu")
+    assert out[0].shape == (3, 40, 40) and out[4].shape == (3, 40, 40)
+    assert out[1] is None and out[2] is None and out[3] is None and out[5] is None
+    assert (out[4][0] == out[4][1]).all()  # grey as RGB
+
+
+def test_fit_tensor_keeps_the_aspect_ratio_and_the_look():
+    img = photo(300, 200, seed=4)
+    t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    small = fit_tensor(t, 150)
+    assert small.shape == (3, 100, 150) and small.dtype == torch.uint8
+    reference = np.asarray(img.resize((150, 100), Image.Resampling.LANCZOS), dtype=float)
+    assert np.abs(small.permute(1, 2, 0).numpy() - reference).mean() < 2.0
+    assert fit_tensor(t, 400) is t
+
+
+def test_paint_jpegs_matches_the_pillow_path():
+    translator = Translator(small_generator(seed=6), device="cpu", precision="fp32", backend="torch", max_batch=4)
+    photos = [photo(64, 48, seed=i) for i in range(3)] + [photo(40, 40, seed=9)]
+    blobs = [jpeg(p) for p in photos] + [jpeg(photos[0].convert("CMYK"))]
+    out = paint_jpegs(translator, blobs, quality=95)
+    assert out[-1] is None  # CMYK: for Pillow
+    expected = translator.translate([Image.open(io.BytesIO(b)) for b in blobs[:-1]])
+    for data, painting in zip(out[:-1], expected):
+        got = Image.open(io.BytesIO(data))
+        assert got.format == "JPEG" and got.size == painting.size
+        same_codec = Image.open(io.BytesIO(jpeg(painting)))  # the same pixels through Pillow's encoder
+        assert np.abs(np.asarray(got, dtype=float) - np.asarray(same_codec, dtype=float)).mean() < 1.0
+
+
+def test_translate_tensors_equals_translate_arrays():
+    translator = Translator(small_generator(seed=7), device="cpu", precision="fp32", backend="torch", max_batch=2)
+    arrays = [np.asarray(photo(32, 24, seed=i)) for i in range(3)] + [np.asarray(photo(20, 20, seed=5))]
+    tensors = translator.translate_tensors([torch.from_numpy(a.copy()) for a in arrays])
+    for a, t in zip(arrays, tensors):
+        assert np.array_equal(translator.translate_arrays(a[None])[0], t.numpy())
+    encoded = encode_jpegs(tensors[:2])
+    assert [Image.open(io.BytesIO(e)).size for e in encoded] == [(32, 24), (32, 24)]
+
+
+def test_cli_device_codec_writes_the_same_paintings_and_still_takes_every_file(tmp_path, weights_file):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        photo(80, 60, seed=i).save(src / f"p{i}.jpg", quality=95)
+    photo(80, 60, seed=5).convert("CMYK").save(src / "cmyk.jpg")
+    photo(80, 60, seed=6).save(src / "x.png")
+    (src / "broken.jpg").write_bytes((src / "p0.jpg").read_bytes()[:400])
+    outs = {}
+    for codec in ("pil", "torchvision"):
+        outs[codec] = tmp_path / codec
+        r = subprocess.run([sys.executable, "-m", "model.translate", str(src), "--out", str(outs[codec]),
+                            "--weights", str(weights_file), "--device", "cpu", "--backend", "torch",
+                            "--format", "jpeg", "--codec", codec, "--batch-size", "4"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 1, r.stderr  # the broken file is skipped and counted
+        assert "broken.jpg" in r.stderr and "Traceback" not in r.stderr
+    names = sorted(p.name for p in outs["pil"].iterdir())
+    assert names == sorted(p.name for p in outs["torchvision"].iterdir()) == ["cmyk.jpg", "p0.jpg", "p1.jpg",
+                                                                             "p2.jpg", "x.jpg"]
+    for name in names:
+        a, b = (np.asarray(Image.open(outs[c] / name), dtype=float) for c in ("pil", "torchvision"))
+        assert a.shape == b.shape and np.abs(a - b).mean() < 2.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_paint_like_eager_for_every_batch_bucket():
+    g = small_generator(seed=8)
+    graphed = Translator(g, device="cuda", precision="bf16", backend="torch", max_batch=8)
+    eager = Translator(small_generator(seed=8), device="cuda", precision="bf16", backend="torch", max_batch=8,
+                       cuda_graphs=False)
+    for n in (1, 3, 8, 3):
+        batch = np.stack([np.asarray(photo(64, 64, seed=i)) for i in range(n)])
+        for _ in range(2):  # the second sighting of a shape is captured
+            assert np.abs(graphed.translate_arrays(batch).astype(int) - eager.translate_arrays(batch)).max() <= 1
+    assert graphed._graphs.graphs and all(k[0] in BATCH_BUCKETS for k in graphed._graphs.graphs)
