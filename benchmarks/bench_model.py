@@ -143,7 +143,7 @@ def runtimes(weights: Path, device: torch.device, seconds: float) -> dict[str, f
         xn = x.numpy()
         for name, rewrite, hint in (("OpenVINO bf16", True, "bf16"), ("OpenVINO bf16, original graph", False, "bf16"),
                                     ("OpenVINO f32", True, "f32")):
-            request = ov.Core().compile_model(convert(fresh(), rewrite=rewrite), "CPU", {
+            request = ov.Core().compile_model(convert(fresh(rewrite), rewrite=rewrite), "CPU", {
                 "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
             out[name] = timed(lambda: request.infer({0: xn}), 1, seconds, device)
         streams = cpu_cores()

@@ -88,7 +88,7 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> d
     async def client(i: int, http: httpx.AsyncClient):
         nonlocal errors
         k = i
-        while time.perf_counter() < stop_at:
+        while True:  # at least one request each (the warm-up is exactly one)
             t0 = time.perf_counter()
             r = await http.post(url + "/translate", content=bodies[k % len(bodies)],
                                 headers={"content-type": "image/jpeg"})
@@ -98,10 +98,13 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> d
             else:
                 errors += 1
             k += clients
+            if time.perf_counter() >= stop_at:
+                break
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        await client(0, http)  # one warm-up request path
+        stop_at = 0.0  # one warm-up request: the client loop runs once
+        await client(0, http)
         latencies.clear()
         timings.clear()
         start = time.perf_counter()

@@ -127,24 +127,31 @@ class OpenVINORunner:
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, bool]:
         """(paintings, finite): ``finite`` is False if the generator gave NaN anywhere."""
         images = np.ascontiguousarray(images)
-        if images.shape[0] == 1 or self.streams == 1 or images.shape[1] * images.shape[2] > self.THROUGHPUT_MAX_PIXELS:
-            self.peak_pixels = max(self.peak_pixels, images.shape[0] * images.shape[1] * images.shape[2])
-            if self.request is None:
-                self._compile(many=False)
-            out = self.request.infer({0: images})
-            return out[0], bool(np.isfinite(out[1]))
+        if images.shape[0] < self.streams or self.streams == 1 or images.shape[1] * images.shape[2] > self.THROUGHPUT_MAX_PIXELS:
+            return self._latency(images)
         if self.queue is None:
             self._compile(many=True)
-        results: list = [None] * images.shape[0]
+        # whole rounds of one image per stream; a remainder would leave cores idle, so it takes the latency form
+        even = images.shape[0] - images.shape[0] % self.streams
+        results: list = [None] * even
 
         def done(request, i):  # copy out: the request's buffers are reused by its next job
             results[i] = (request.get_output_tensor(0).data.copy(), float(request.get_output_tensor(1).data))
 
         self.queue.set_callback(done)
-        for i in range(images.shape[0]):  # one image per job: each stream takes the next when it is free
+        for i in range(even):  # one image per job: each stream takes the next when it is free
             self.queue.start_async({0: images[i : i + 1]}, i)
         self.queue.wait_all()
+        if even < images.shape[0]:
+            results.append(self._latency(images[even:]))
         return np.concatenate([r[0] for r in results]), all(np.isfinite(r[1]) for r in results)
+
+    def _latency(self, images: np.ndarray) -> tuple[np.ndarray, bool]:
+        self.peak_pixels = max(self.peak_pixels, images.shape[0] * images.shape[1] * images.shape[2])
+        if self.request is None:
+            self._compile(many=False)
+        out = self.request.infer({0: images})
+        return out[0], bool(np.isfinite(out[1]))
 
     def release(self) -> bool:
         """Free the buffers of large batches (True if there were any)."""
