@@ -3,13 +3,17 @@ size, at 256x256 and at 1024x768; latency at 1 client; and where a request's tim
 
     python benchmarks/bench_server.py [--clients 8] [--seconds 15] [--weights FILE] [--device auto] [--sizes 256x256,1024x768]
 
+On CUDA the defaults grow to 256 clients, batches of up to 64 and a ceiling measured on batches up to 128,
+and each server run also reports the GPU memory its process holds (nvidia-smi).
+
 Measured in one run, one after the other, for each size:
   ceiling   the Translator alone, in this process, on batches of 1, 2, 4, 8 same-size images (its best);
   server    `python -m app` (dynamic batching, max --max-batch), --clients clients posting JPEGs back to back;
   1 client  the same server with one client: p50 against the translator's own batch-1 time;
   plain     at the first size only: the server with batching off (MONET_MAX_BATCH_SIZE=1).
 The server's Server-Timing headers (decode, queue, compute, encode) are averaged; the rest of the latency
-is HTTP, routing and scheduling.
+is HTTP, routing and scheduling. "Outside the forward pass" is the share of a request's time not in compute
+(on CUDA: the host's share).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.networks import ResnetGenerator, init_weights  # noqa: E402
-from model.translator import DEFAULT_WEIGHTS, Translator  # noqa: E402
+from model.translator import DEFAULT_WEIGHTS, Translator, resolve_device  # noqa: E402
 from model.weights import save_generator  # noqa: E402
 
 
@@ -121,10 +125,35 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> d
             "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan")}
 
 
+_LAST_SERVER_GPU_MIB: list[int | None] = [None]
+
+
+def gpu_memory_of_last_server() -> int | None:
+    return _LAST_SERVER_GPU_MIB[0]
+
+
+def _gpu_memory_mib(pid: int) -> int | None:
+    """The GPU memory ``pid`` holds, from nvidia-smi (None without it)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
+            return int(fields[1])
+    return None
+
+
 def run_server(weights, device, max_batch, wait_ms, clients, bodies, seconds) -> dict:
     proc, url = start_server(weights, device, max_batch, wait_ms, clients)
     try:
-        return asyncio.run(load(url, bodies, clients, seconds))
+        result = asyncio.run(load(url, bodies, clients, seconds))
+        _LAST_SERVER_GPU_MIB[0] = _gpu_memory_mib(proc.pid) if resolve_device(device).type == "cuda" else None
+        return result
     finally:
         proc.terminate()
         proc.wait(30)
@@ -132,9 +161,9 @@ def run_server(weights, device, max_batch, wait_ms, clients, bodies, seconds) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", type=int, default=None, help="default 8 on CPU, 256 on CUDA")
     p.add_argument("--seconds", type=float, default=15)
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=None, help="MONET_MAX_BATCH_SIZE (default 8 on CPU, 64 on CUDA)")
     p.add_argument("--wait-ms", type=float, default=None, help="MONET_MAX_BATCH_WAIT_MS (default: the server's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--sizes", default="256x256,1024x768", help="upload sizes, WxH")
@@ -142,6 +171,10 @@ def main() -> None:
     p.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "data" / "photo")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
+    cuda = resolve_device(args.device).type == "cuda"
+    args.clients = args.clients or (256 if cuda else 8)
+    args.max_batch = args.max_batch or (64 if cuda else 8)
+    ceiling_batches = (1, 16, 32, 64, 128) if cuda else (1, 2, 4, 8)
     weights = args.weights or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.exists() else None)
     if weights is None:
         weights = Path(tempfile.mkdtemp()) / "random9.safetensors"
@@ -152,10 +185,11 @@ def main() -> None:
     for i, size in enumerate(sizes):
         label = f"{size[0]}x{size[1]}"
         bodies = jpegs(16, args.photos, size)
-        top, backend = ceiling(weights, args.device, size, args.seconds)
+        top, backend = ceiling(weights, args.device, size, args.seconds, ceiling_batches)
         best = max(top, key=top.get)
         batch1_ms = 1000 / top[1]
         served = run_server(weights, args.device, args.max_batch, args.wait_ms, args.clients, bodies, args.seconds)
+        served["gpu_memory_mib"] = gpu_memory_of_last_server()
         one = run_server(weights, args.device, args.max_batch, args.wait_ms, 1, bodies, args.seconds)
         row = {"backend": backend, "translator": top, "best_batch": best, "server": served, "one_client": one,
                "server_share_of_translator": served["images_per_s"] / top[best],
@@ -169,7 +203,8 @@ def main() -> None:
         r = served
         print(f"  server, {args.clients} clients: {r['images_per_s']:.2f} images/s = "
               f"**{row['server_share_of_translator']:.0%}** of the translator at batch {best}; "
-              f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, errors {r['errors']}")
+              f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, errors {r['errors']}"
+              + (f", server GPU memory {r['gpu_memory_mib']} MiB" if r.get("gpu_memory_mib") is not None else ""))
         if "plain" in row:
             pr = row["plain"]
             print(f"  plain server (batching off), {args.clients} clients: {pr['images_per_s']:.2f} images/s, "
@@ -178,8 +213,9 @@ def main() -> None:
               f"**{row['one_client_p50_vs_batch1']:.2f}x**")
         for name, res in (("8 clients", served), ("1 client", one)):
             b = res["breakdown"]
+            host = 1 - b["compute"] / res["mean"] if res["mean"] else float("nan")
             print(f"  where the time goes, {name} (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items()) +
-                  f"; total {res['mean']:.1f}")
+                  f"; total {res['mean']:.1f}; outside the forward pass {host:.0%}")
     if args.json:
         import json
 

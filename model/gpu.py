@@ -140,7 +140,11 @@ def encode_jpegs(images: list[torch.Tensor], quality: int = 95) -> list[bytes]:
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        encoded = encode_jpeg([img.permute(2, 0, 1).contiguous() for img in images], quality=quality)
+        chw = [img.permute(2, 0, 1).contiguous() for img in images]
+        try:
+            encoded = encode_jpeg(chw, quality=quality)
+        except RuntimeError:  # torchvision before 0.20 encodes on CPU only
+            encoded = encode_jpeg([t.cpu() for t in chw], quality=quality)
     return [bytes(e.cpu().numpy()) for e in encoded]
 
 

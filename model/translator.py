@@ -177,7 +177,8 @@ class Translator:
                                    for i in range(0, batch.shape[0], per_pass)])
         if self._runner is not None:
             return self._translate_openvino(batch)
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        batch = np.ascontiguousarray(batch) if batch.flags.writeable else batch.copy()  # torch wants writable arrays
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         return self.translate_tensor(x).cpu().numpy()
 
     def translate_tensor(self, batch: torch.Tensor) -> torch.Tensor:
