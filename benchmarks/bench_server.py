@@ -170,12 +170,18 @@ def main() -> None:
     p.add_argument("--weights", type=Path, default=None, help="default: weights/ if present, else a random 9-block generator")
     p.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "data" / "photo")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--overhead", action="store_true",
+                   help="serve a near-free random generator (ngf 4, 1 block): the HTTP, decode and encode path's own "
+                        "ceiling, i.e. how many requests/s one server process can take whatever the model")
     args = p.parse_args()
     cuda = resolve_device(args.device).type == "cuda"
     args.clients = args.clients or (256 if cuda else 8)
     args.max_batch = args.max_batch or (64 if cuda else 8)
     ceiling_batches = (1, 16, 32, 64, 128) if cuda else (1, 2, 4, 8)
-    weights = args.weights or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.exists() else None)
+    weights = args.weights or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.exists() and not args.overhead else None)
+    if args.overhead:
+        weights = Path(tempfile.mkdtemp()) / "near-free.safetensors"
+        save_generator(weights, init_weights(ResnetGenerator(ngf=4, n_blocks=1)))
     if weights is None:
         weights = Path(tempfile.mkdtemp()) / "random9.safetensors"
         save_generator(weights, init_weights(ResnetGenerator()))
@@ -211,7 +217,7 @@ def main() -> None:
                   f"p50 {pr['p50']:.0f} ms, p99 {pr['p99']:.0f} ms")
         print(f"  1 client: p50 {one['p50']:.1f} ms vs translator batch 1 {batch1_ms:.1f} ms = "
               f"**{row['one_client_p50_vs_batch1']:.2f}x**")
-        for name, res in (("8 clients", served), ("1 client", one)):
+        for name, res in ((f"{args.clients} clients", served), ("1 client", one)):
             b = res["breakdown"]
             host = 1 - b["compute"] / res["mean"] if res["mean"] else float("nan")
             print(f"  where the time goes, {name} (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items()) +
