@@ -81,8 +81,17 @@ def convert(generator: nn.Module, uint8_images: bool = False, rewrite: bool = Tr
         return ov.convert_model(module, example_input=example, input=shape)
 
 
-def cpu_cores() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
+def cpu_cores(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
+    `cpus:` or a Kubernetes CPU limit, which leave the affinity at the whole machine)."""
+    cores = max(1, len(os.sched_getaffinity(0)))
+    try:
+        quota, period = open(cgroup_cpu_max).read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 class OpenVINORunner:

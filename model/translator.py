@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model.backends import OpenVINORunner, resolve_backend
+from model.backends import OpenVINORunner, cpu_cores, resolve_backend
 from model.images import prepare
 from model.networks import for_inference
 from model.weights import GeneratorInfo, load_generator
@@ -120,7 +120,7 @@ class Translator:
         self.size_multiple = int(getattr(generator, "size_multiple", 4))
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # torch's default can exceed the cores this process may use (containers, taskset)
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+            torch.set_num_threads(cpu_cores())
         self.backend = resolve_backend(backend, self.device)
         # OpenVINO on CPU (model/backends.py); None: the torch module itself
         self._runner = OpenVINORunner(generator, self.dtype) if self.backend == "openvino" else None

@@ -197,3 +197,17 @@ def test_openvino_batches_split_across_streams_paint_like_single_images():
     batched = ov.translate(images)
     for img, b in zip(images, batched):
         assert np.abs(as_array(ov.translate([img])[0]) - as_array(b)).max() <= 1
+
+
+def test_cpu_cores_respects_a_container_cpu_quota(tmp_path):
+    from model.backends import cpu_cores
+
+    machine = len(__import__("os").sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert cpu_cores(str(quota)) == machine
+    quota.write_text("150000 100000\n")  # 1.5 CPUs: 2 threads
+    assert cpu_cores(str(quota)) == min(machine, 2)
+    quota.write_text("50000 100000\n")
+    assert cpu_cores(str(quota)) == 1
+    assert cpu_cores(str(tmp_path / "missing")) == machine
