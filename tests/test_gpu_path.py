@@ -112,3 +112,49 @@ def test_cuda_graphs_paint_like_eager_for_every_batch_bucket():
         for _ in range(2):  # the second sighting of a shape is captured
             assert np.abs(graphed.translate_arrays(batch).astype(int) - eager.translate_arrays(batch)).max() <= 1
     assert graphed._graphs.graphs and all(k[0] in BATCH_BUCKETS for k in graphed._graphs.graphs)
+
+
+class _ReplayOnCPU:
+    """Stands in for torch.cuda.CUDAGraph where there is no GPU: replay() re-runs the module on the static
+    input into the static outputs, so CudaGraphs' own bookkeeping (buckets, padding slots, slicing, LRU,
+    capture on the second sighting) is checked on any machine."""
+
+    def __init__(self, module, static_in, out, finite):
+        self.module, self.static_in, self.out, self.finite = module, static_in, out, finite
+        self.replays = 0
+
+    def replay(self):
+        out, finite = self.module(self.static_in)
+        self.out.copy_(out)
+        self.finite.copy_(finite)
+        self.replays += 1
+
+
+def test_cuda_graphs_bookkeeping_buckets_batches_and_keeps_the_most_recent_shapes():
+    from model.gpu import CudaGraphs
+    from model.translator import _Painter
+
+    painter = _Painter(small_generator(seed=9).eval(), torch.float32)
+    captured = []
+
+    class OnCPU(CudaGraphs):
+        def _capture(self, key, device):
+            static_in = torch.zeros((key[0], key[1], key[2], 3), dtype=torch.uint8)
+            out, finite = self.module(static_in)
+            graph = _ReplayOnCPU(self.module, static_in, out, finite)
+            captured.append((key, graph))
+            return static_in, graph, out, finite
+
+    graphs = OnCPU(painter, max_graphs=2)
+    rng = np.random.default_rng(0)
+    with torch.inference_mode():
+        for n, side in ((3, 32), (3, 32), (3, 32), (1, 32), (1, 32), (5, 24), (5, 24), (3, 32)):
+            x = torch.from_numpy(rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8))
+            got, finite = graphs(x)
+            expected, _ = painter(x)
+            assert bool(finite) and got.shape == expected.shape
+            assert torch.equal(got, expected)  # spare slots (zeros) change nothing for the real images
+    keys = [k for k, _ in captured]
+    assert keys == [(4, 32, 32), (1, 32, 32), (8, 24, 24), (4, 32, 32)]  # captured on the second sighting
+    assert list(graphs.graphs) == [(8, 24, 24), (4, 32, 32)]  # at most 2 kept, least recent evicted
+    assert captured[0][1].replays == 2 and captured[1][1].replays == 1
