@@ -138,8 +138,6 @@ class OpenVINORunner:
         images = np.ascontiguousarray(images)
         if images.shape[0] < self.streams or self.streams == 1 or images.shape[1] * images.shape[2] > self.THROUGHPUT_MAX_PIXELS:
             return self._latency(images)
-        if self.queue is None:
-            self._compile(many=True)
         # whole rounds of one image per stream; a remainder would leave cores idle, so it takes the latency form
         even = images.shape[0] - images.shape[0] % self.streams
         results: list = [None] * even

@@ -95,7 +95,7 @@ def jpeg_orientation(blob: bytes) -> int | None:
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 return None
             try:
-                return int(img.getexif().get(0x0112, 1)) if img.getexif() else 1
+                return int(img.getexif().get(0x0112, 1))
             except Exception:  # a broken EXIF block: keep the pixels as stored, like to_rgb does
                 return 1
     except Exception:

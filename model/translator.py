@@ -155,58 +155,35 @@ class Translator:
     def translate(self, images: list[Image.Image], max_side: int | None = None) -> list[Image.Image]:
         """Translate each image; returns one RGB image per input, in order, each upright and the
         same size as its (EXIF-rotated, ``max_side``-capped) input."""
-        prepared = [prepare(img, max_side) for img in images]
-        arrays = [np.asarray(img, dtype=np.uint8) for img in prepared]
-        outputs: list[np.ndarray | None] = [None] * len(arrays)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, arr in enumerate(arrays):
-            groups[arr.shape[:2]].append(i)
-        for indices in groups.values():
-            for start in range(0, len(indices), self.max_batch):
-                chunk = indices[start : start + self.max_batch]
-                result = self.translate_arrays(np.stack([arrays[i] for i in chunk]))
-                for i, out in zip(chunk, result):
-                    outputs[i] = out
+        arrays = [np.asarray(prepare(img, max_side), dtype=np.uint8) for img in images]
+        outputs = self._in_batches(arrays, lambda chunk: self.translate_arrays(np.stack(chunk)))
         return [Image.fromarray(out, "RGB") for out in outputs]
 
     def translate_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Translate a uint8 array of shape (N, H, W, 3) of same-size RGB images; returns the same shape."""
-        per_pass = max(1, self.max_batch_pixels // (batch.shape[1] * batch.shape[2]))
-        if batch.shape[0] > per_pass:
-            return np.concatenate([self.translate_arrays(batch[i : i + per_pass])
-                                   for i in range(0, batch.shape[0], per_pass)])
-        if self._runner is not None:
-            return self._translate_openvino(batch)
-        batch = np.ascontiguousarray(batch) if batch.flags.writeable else batch.copy()  # torch wants writable arrays
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        return self.translate_tensor(x).cpu().numpy()
+        if self._runner is None:
+            batch = np.ascontiguousarray(batch) if batch.flags.writeable else batch.copy()  # torch wants writable arrays
+            return self.translate_tensor(torch.from_numpy(batch).to(self.device, non_blocking=True)).cpu().numpy()
+        parts = [self._translate_openvino(batch[s]) for s in self._passes(batch)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def translate_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """Translate a uint8 tensor of shape (N, H, W, 3) of same-size RGB images on this translator's device;
         returns the paintings in the same shape, on the same device (no host copy on CUDA)."""
-        per_pass = max(1, self.max_batch_pixels // (batch.shape[1] * batch.shape[2]))
-        if batch.shape[0] > per_pass:
-            return torch.cat([self.translate_tensor(batch[i : i + per_pass]) for i in range(0, batch.shape[0], per_pass)])
         if self._runner is not None:
-            return torch.from_numpy(self._translate_openvino(batch.cpu().numpy()))
-        y, finite = self._forward(batch)
-        if not bool(finite):
-            raise NonFiniteOutput(_NON_FINITE)
-        return y
+            return torch.from_numpy(self.translate_arrays(batch.cpu().numpy()))
+        parts = []
+        for s in self._passes(batch):
+            y, finite = self._forward(batch[s])
+            if not bool(finite):
+                raise NonFiniteOutput(_NON_FINITE)
+            parts.append(y)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def translate_tensors(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Translate uint8 (H, W, 3) images of any sizes on this translator's device, same-size ones together in
         batches of at most ``max_batch``; returns one painting per image, in order, on the same device."""
-        out: list[torch.Tensor | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, img in enumerate(images):
-            groups[tuple(img.shape[:2])].append(i)
-        for indices in groups.values():
-            for start in range(0, len(indices), self.max_batch):
-                chunk = indices[start : start + self.max_batch]
-                for i, y in zip(chunk, self.translate_tensor(torch.stack([images[i] for i in chunk]))):
-                    out[i] = y
-        return out
+        return self._in_batches(images, lambda chunk: self.translate_tensor(torch.stack(chunk)))
 
     def release_memory(self) -> None:
         """Drop what large batches left behind (OpenVINO's buffers); call it when idle."""
@@ -215,6 +192,24 @@ class Translator:
                 self._runner.release()
 
     # -- internals --------------------------------------------------------------------------
+    def _in_batches(self, images: list, run) -> list:
+        """``run`` on same-size images in chunks of at most ``max_batch``; one result per image, in order."""
+        out: list = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, img in enumerate(images):
+            groups[tuple(img.shape[:2])].append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.max_batch):
+                chunk = indices[start : start + self.max_batch]
+                for i, y in zip(chunk, run([images[i] for i in chunk])):
+                    out[i] = y
+        return out
+
+    def _passes(self, batch) -> list[slice]:
+        """Slices of ``batch`` (N, H, W, 3) with at most ``max_batch_pixels`` pixels each (at least one image)."""
+        per_pass = max(1, self.max_batch_pixels // (batch.shape[1] * batch.shape[2]))
+        return [slice(i, i + per_pass) for i in range(0, batch.shape[0], per_pass)]
+
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Paint a uint8 batch on the device; split the batch on CUDA OOM."""
         try:
@@ -227,14 +222,10 @@ class Translator:
             (a, fa), (b, fb) = self._forward(x[:half]), self._forward(x[half:])
             return torch.cat([a, b]), fa & fb
 
-    def _padding(self, h: int, w: int) -> tuple[int, int, int, int, str]:
-        """(top, bottom, left, right, mode) that bring an h x w image to the generator's size multiple."""
-        return padding_for(h, w, self.size_multiple)
-
     def _translate_openvino(self, batch: np.ndarray) -> np.ndarray:
         """The OpenVINO path: uint8 images straight into the compiled graph (it scales and transposes)."""
         h, w = batch.shape[1:3]
-        top, bottom, left, right, mode = self._padding(h, w)
+        top, bottom, left, right, mode = padding_for(h, w, self.size_multiple)
         if top or bottom or left or right:
             batch = np.pad(batch, ((0, 0), (top, bottom), (left, right), (0, 0)),
                            mode="reflect" if mode == "reflect" else "edge")
