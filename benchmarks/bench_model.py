@@ -10,7 +10,7 @@
 2. The Translator on batches of 1, 4, 8 (16, 32, 64 on CUDA), with p50 / p99 per call: its best batch
    size is the ceiling that bench_server compares the server with. On CUDA, the same translator without
    CUDA graphs beside it, and the largest difference between the two.
-3. JPEG files in, JPEG files out: Pillow decode/encode around the translator against model/gpu.py's device
+3. JPEG files in, JPEG files out: Pillow decode/encode around the translator against model/codecs.py's device
    codecs (nvJPEG on CUDA, batched, the pixels never on the host).
 4. With --runtimes, forward passes alone on every runtime this machine has, to choose the backend:
    torch eager fp32 / bf16 channels-last, torch.compile with freezing (CPU) or max-autotune (CUDA),
@@ -34,9 +34,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.backends import cpu_cores, openvino_available  # noqa: E402
+from model.backends import openvino_available  # noqa: E402
+from model.runtime import cpu_cores  # noqa: E402
 from model.networks import ResnetGenerator, for_inference, init_weights  # noqa: E402
-from model.translator import DEFAULT_WEIGHTS, Translator, resolve_device  # noqa: E402
+from model.runtime import resolve_device  # noqa: E402
+from model.translator import Translator  # noqa: E402
+from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS  # noqa: E402
 from model.weights import load_generator  # noqa: E402
 
 
@@ -232,9 +235,9 @@ def main() -> None:
             wall = (time.perf_counter() - wall) * 1000
             results.setdefault("host_share", {})[b] = max(0.0, 1 - start.elapsed_time(end) / wall) if wall else 0.0
 
-    # 3. JPEG files in, JPEG files out: Pillow around the translator, against the device codecs (model/gpu.py:
+    # 3. JPEG files in, JPEG files out: Pillow around the translator, against the device codecs (model/codecs.py:
     # nvJPEG on CUDA, pixels never on the host; torchvision's libjpeg on CPU)
-    from model.gpu import paint_jpegs
+    from model.codecs import paint_jpegs
 
     n_files = max(batches)
     blobs = []
@@ -286,7 +289,7 @@ def main() -> None:
               f"; largest difference {results['graphs_vs_eager_max_levels']} levels")
     jf = results["jpeg_files"]
     print(f"JPEG files in and out, {jf['files_per_call']} per call: Pillow codecs {jf['pillow_images_per_s']:.2f} images/s, "
-          f"device codecs (model/gpu.py) {jf['device_codec_images_per_s']:.2f} images/s "
+          f"device codecs (model/codecs.py) {jf['device_codec_images_per_s']:.2f} images/s "
           f"({jf['device_codec_images_per_s'] / jf['pillow_images_per_s']:.2f}x; p50 {jf['device_codec_p50_ms']:.1f} ms, "
           f"p99 {jf['device_codec_p99_ms']:.1f} ms per call)")
     if "host_share" in results:

@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.networks import ResnetGenerator, init_weights  # noqa: E402
-from model.translator import DEFAULT_WEIGHTS, Translator, resolve_device  # noqa: E402
+from model.runtime import resolve_device  # noqa: E402
+from model.translator import Translator  # noqa: E402
+from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS  # noqa: E402
 from model.weights import save_generator  # noqa: E402
 
 

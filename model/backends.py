@@ -1,28 +1,40 @@
-"""Inference runtimes for the generator: torch everywhere, OpenVINO on CPU (the `openvino` extra).
+"""The runtimes that run a generator, behind one interface: ``backend(uint8 (N, H, W, 3) images)`` returns
+``(uint8 paintings of the same shape, finite)``, where ``finite`` is False when the generator produced NaN or
+Inf anywhere. Height and width are already multiples of the generator's ``size_multiple`` (the Translator
+pads and crops, groups and splits around the call).
+
+- ``TorchBackend``: eager torch on CPU or CUDA; on CUDA replayed from CUDA graphs, one per batch bucket.
+- ``OpenVINOBackend``: OpenVINO on CPU (the `openvino` extra), about 1.5x torch's best CPU path.
+
+Every backend runs the same module, ``UInt8Generator``: the generator in ``for_inference`` form between uint8
+scaling and rounding, with one finite flag (the sum of its raw output is NaN exactly when some output is; tanh
+never gives Inf). A new runtime is one more class here with the same ``__call__`` and ``release``.
 
     python -m model.backends export WEIGHTS OUT.xml     # the generator as OpenVINO IR (OUT.xml + OUT.bin)
 
-On CPU, OpenVINO runs the shipped generator about 1.6-1.8x faster than torch's best path (eager bf16
-channels-last, or torch.compile with freezing) on the same machine: benchmarks/bench_model.py measures all
-of them in one run. The Translator converts the checked safetensors weights in memory at load time (about
-1.5 s), so the safetensors file stays the one artefact that is loaded, checked and shipped; `export` writes
-the same graph to disk for other OpenVINO deployments.
+The OpenVINO backend converts the checked safetensors weights in memory at load time (about 1.5 s), so the
+safetensors file stays the one artefact that is loaded, checked and shipped; `export` writes the same graph
+to disk for other OpenVINO deployments. benchmarks/bench_model.py measures every runtime in one run.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib.util
-import os
 import sys
 import warnings
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from model.networks import for_inference
+from model.runtime import compute_threads
+
 BACKENDS = ("auto", "torch", "openvino")
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def openvino_available() -> bool:
@@ -43,36 +55,145 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-class _UInt8Images(nn.Module):
-    """uint8 (N, H, W, 3) images in; uint8 (N, H, W, 3) paintings out, with the sum of the generator's raw
-    output beside them, which is NaN exactly when some output value is (tanh never gives Inf). Scaling,
-    layout changes, rounding (half to even, like numpy's rint) and clamping all run inside OpenVINO's
-    graph, so no float copy of the images reaches Python."""
+def make_backend(name: str, generator: nn.Module, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True):
+    """The backend ``name`` ("torch" or "openvino", as ``resolve_backend`` gives) for ``generator``."""
+    if name == "openvino":
+        return OpenVINOBackend(generator, dtype)
+    return TorchBackend(generator, device, dtype, cuda_graphs=cuda_graphs)
 
-    def __init__(self, generator: nn.Module):
+
+class UInt8Generator(nn.Module):
+    """uint8 (N, H, W, 3) images in; uint8 (N, H, W, 3) paintings out, with one boolean beside them: whether
+    every raw output was finite (checked on their sum, which is NaN exactly when some output is). Scaling, layout, rounding (half to even, like numpy's rint) and
+    clamping are part of the module, so a backend that compiles it (OpenVINO, CUDA graphs) never hands a
+    float image to Python."""
+
+    def __init__(self, generator: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = False):
         super().__init__()
-        self.generator = generator
+        self.generator, self.dtype, self.channels_last = generator, dtype, channels_last
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.generator(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0).permute(0, 2, 3, 1)
-        return torch.round((y + 1.0) * 127.5).clamp(0, 255).to(torch.uint8), y.sum()
+        y = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if self.dtype != torch.float32:
+            y = y.to(self.dtype)
+        if self.channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+        y = self.generator(y).float()
+        images = torch.round((y + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return images, torch.isfinite(y.sum())
+
+
+class TorchBackend:
+    """The generator in eager torch on ``device`` in ``dtype`` (channels-last); on CUDA replayed from CUDA
+    graphs (``CudaGraphs``) unless ``cuda_graphs`` is False. A CUDA out-of-memory error splits the batch."""
+
+    def __init__(self, generator: nn.Module, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True):
+        self.device, self.dtype = device, dtype
+        fast = for_inference(generator.eval()).to(device, dtype, memory_format=torch.channels_last)
+        self.module = UInt8Generator(fast, dtype, channels_last=True)
+        self.graphs = None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # sizes repeat; each new one is timed once
+            if cuda_graphs:
+                self.graphs = CudaGraphs(self.module)
+
+    def __call__(self, images):
+        """(paintings, finite) for uint8 (N, H, W, 3) ``images``: a tensor (the paintings stay on this
+        backend's device) or a numpy array (the paintings come back as one)."""
+        as_numpy = isinstance(images, np.ndarray)
+        if as_numpy:  # torch wants writable arrays
+            images = torch.from_numpy(np.ascontiguousarray(images) if images.flags.writeable else images.copy())
+        with torch.inference_mode():
+            y, finite = self._forward(images.to(self.device, non_blocking=True))
+        return (y.cpu().numpy() if as_numpy else y), bool(finite)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return (self.graphs or self.module)(x)
+        except _OOM:
+            if x.shape[0] == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = x.shape[0] // 2
+            (a, fa), (b, fb) = self._forward(x[:half]), self._forward(x[half:])
+            return torch.cat([a, b]), fa & fb
+
+    def release(self) -> bool:
+        return False
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class CudaGraphs:
+    """Replays ``module`` (uint8 (N, H, W, 3) in, (uint8 paintings, all-finite flag) out) from CUDA graphs.
+
+    One graph per (batch bucket, height, width): a batch of N images runs in the graph of the next bucket in
+    ``BATCH_BUCKETS`` (the spare slots hold zeros; instance norm is per image, so they change nothing), so a
+    server's varying batch sizes need at most 8 graphs per image size. Spatial sizes are not padded up to a
+    bucket: instance norm would see the padding and the painting would change. A shape is captured the second
+    time it is seen (a one-off size runs eagerly), and the ``max_graphs`` most recently used are kept.
+    Callers serialise calls (the Translator holds its lock).
+    """
+
+    def __init__(self, module: nn.Module, max_graphs: int = 8, capture_after: int = 2):
+        self.module = module
+        self.max_graphs = max_graphs
+        self.capture_after = capture_after
+        self.graphs: OrderedDict[tuple[int, int, int], tuple] = OrderedDict()
+        self.seen: Counter = Counter()
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, h, w = x.shape[:3]
+        bucket = next((b for b in BATCH_BUCKETS if b >= n), None)
+        if bucket is None:
+            return self.module(x)
+        key = (bucket, h, w)
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.seen[key] += 1
+            if self.seen[key] < self.capture_after:
+                return self.module(x)
+            entry = self._capture(key, x.device)
+            self.graphs[key] = entry
+            if len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        static_in, graph, out, finite = entry
+        static_in[:n].copy_(x)
+        if bucket > n:
+            static_in[n:].zero_()
+        graph.replay()
+        return out[:n].clone(), finite.clone()
+
+    def _capture(self, key: tuple[int, int, int], device: torch.device) -> tuple:
+        bucket, h, w = key
+        static_in = torch.zeros((bucket, h, w, 3), dtype=torch.uint8, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream (cuDNN picks its algorithms here)
+            for _ in range(2):
+                self.module(static_in)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, finite = self.module(static_in)
+        return static_in, graph, out, finite
 
 
 def convert(generator: nn.Module, uint8_images: bool = False, rewrite: bool = True):
     """The generator as an OpenVINO model for any batch and image size: (N, 3, H, W) float32 in [-1, 1]
     (the network as it is), or with ``uint8_images`` (N, H, W, 3) uint8 in, (N, H, W, 3) uint8 and the
-    output's sum out (see _UInt8Images). The graph is ``for_inference``'s form of the generator (the
+    finite flag out (see UInt8Generator). The graph is ``for_inference``'s form of the generator (the
     network as trained with ``rewrite=False``, for comparison)."""
     import openvino as ov
-
-    from model.networks import for_inference
 
     module = copy.deepcopy(generator).float().eval()
     if rewrite:
         module = for_inference(module)
-    side = max(64, int(getattr(generator, "size_multiple", 4)))  # a U-Net traces at 256 at least
+    side = max(64, generator.spec.size_multiple)  # a U-Net traces at 256 at least
     if uint8_images:
-        module, example = _UInt8Images(module).eval(), torch.zeros(1, side, side, 3, dtype=torch.uint8)
+        module, example = UInt8Generator(module).eval(), torch.zeros(1, side, side, 3, dtype=torch.uint8)
         shape = [([-1, -1, -1, 3], ov.Type.u8)]
     else:
         example, shape = torch.zeros(1, 3, side, side), [(-1, 3, -1, -1)]
@@ -81,21 +202,9 @@ def convert(generator: nn.Module, uint8_images: bool = False, rewrite: bool = Tr
         return ov.convert_model(module, example_input=example, input=shape)
 
 
-def cpu_cores(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
-    `cpus:` or a Kubernetes CPU limit, which leave the affinity at the whole machine)."""
-    cores = max(1, len(os.sched_getaffinity(0)))
-    try:
-        quota, period = open(cgroup_cpu_max).read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-class OpenVINORunner:
-    """The generator compiled by OpenVINO: uint8 (N, H, W, 3) images in, uint8 paintings out.
+class OpenVINOBackend:
+    """The generator compiled by OpenVINO on CPU: uint8 (N, H, W, 3) images in (numpy or torch), uint8
+    paintings of the same kind out, with an all-finite flag.
 
     It is compiled twice. One image, or a batch of large ones, runs on the latency form (one stream using
     every core). A batch of several small ones (up to 512x512) goes through the throughput form: one stream
@@ -112,7 +221,7 @@ class OpenVINORunner:
 
     def __init__(self, generator: nn.Module, dtype: torch.dtype, streams: int | None = None):
         hint = "bf16" if dtype == torch.bfloat16 else "f32"  # fp32 where the CPU has no bf16 units
-        threads = int(os.environ.get("OMP_NUM_THREADS") or cpu_cores())
+        threads = compute_threads()
         self.streams = max(1, min(threads, streams if streams is not None else threads))
         self.config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
         self.throughput_config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT",
@@ -133,8 +242,12 @@ class OpenVINORunner:
         else:
             self.request = ov.Core().compile_model(self.model, "CPU", self.config).create_infer_request()
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, bool]:
-        """(paintings, finite): ``finite`` is False if the generator gave NaN anywhere."""
+    def __call__(self, images):
+        """(paintings, finite) for uint8 (N, H, W, 3) ``images``, a numpy array or a CPU tensor (the paintings
+        are of the same kind); ``finite`` is False if the generator gave NaN anywhere."""
+        if isinstance(images, torch.Tensor):
+            y, finite = self(images.cpu().numpy())
+            return torch.from_numpy(y), finite
         images = np.ascontiguousarray(images)
         if images.shape[0] < self.streams or self.streams == 1 or images.shape[1] * images.shape[2] > self.THROUGHPUT_MAX_PIXELS:
             return self._latency(images)
@@ -143,7 +256,7 @@ class OpenVINORunner:
         results: list = [None] * even
 
         def done(request, i):  # copy out: the request's buffers are reused by its next job
-            results[i] = (request.get_output_tensor(0).data.copy(), float(request.get_output_tensor(1).data))
+            results[i] = (request.get_output_tensor(0).data.copy(), bool(request.get_output_tensor(1).data))
 
         self.queue.set_callback(done)
         for i in range(even):  # one image per job: each stream takes the next when it is free
@@ -151,16 +264,16 @@ class OpenVINORunner:
         self.queue.wait_all()
         if even < images.shape[0]:
             results.append(self._latency(images[even:]))
-        return np.concatenate([r[0] for r in results]), all(np.isfinite(r[1]) for r in results)
+        return np.concatenate([r[0] for r in results]), all(r[1] for r in results)
 
     def _latency(self, images: np.ndarray) -> tuple[np.ndarray, bool]:
         self.peak_pixels = max(self.peak_pixels, images.shape[0] * images.shape[1] * images.shape[2])
         if self.request is None:
             self._compile(many=False)
         out = self.request.infer({0: images})
-        return out[0], bool(np.isfinite(out[1]))
+        return out[0], bool(out[1])
 
-    def release(self) -> bool:
+    def release(self) -> bool:  # noqa: D102 (see the class docstring)
         """Free the buffers of large batches (True if there were any)."""
         if self.peak_pixels <= self.RELEASE_ABOVE_PIXELS:
             return False

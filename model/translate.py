@@ -7,17 +7,20 @@ submission archive as well.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import zipfile
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from model.codecs import FORMATS, paint_jpegs
 from model.images import IMAGE_EXTENSIONS
-from model.translator import DEFAULT_WEIGHTS, NonFiniteOutput, Translator
-from model.weights import WeightsError, atomic_write
+from model.translator import NonFiniteOutput, Translator
+from model.weights import SHIPPED_WEIGHTS, WeightsError, atomic_write
 
-FORMATS = {"png": ("PNG", ".png", {}), "jpeg": ("JPEG", ".jpg", {"quality": 95}), "webp": ("WEBP", ".webp", {"lossless": True})}
+# The CLI (not the library) honours the service's MONET_WEIGHTS, so a container converts with what it serves.
+DEFAULT_WEIGHTS = Path(os.environ.get("MONET_WEIGHTS") or SHIPPED_WEIGHTS)
 
 
 def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, Path]], list[str]]:
@@ -85,11 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     files, problems = collect_inputs(args.inputs)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
-    pil_format, ext, save_kw = FORMATS[args.format]
+    fmt = FORMATS[args.format]
+    pil_format, ext, save_kw = fmt.pil, fmt.extension, fmt.options
     device_codec = args.format == "jpeg" and (args.codec == "torchvision" or (
         args.codec == "auto" and translator.device.type == "cuda"))
-    if device_codec:
-        from model.gpu import paint_jpegs
     args.out.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, str]] = []
     from tqdm import tqdm

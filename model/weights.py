@@ -27,6 +27,8 @@ from model.networks import build_generator
 
 FORMAT = "monet-cyclegan-generator"
 VERSION = "1"
+# The generator this project ships; the service and the CLI load it when nothing else is named.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "photo2monet.safetensors"
 
 
 _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
@@ -89,8 +91,8 @@ def save_generator(
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "architecture": generator.architecture,
-        "settings": json.dumps(generator.settings, sort_keys=True),
+        "architecture": generator.spec.architecture,
+        "settings": json.dumps(generator.spec.settings, sort_keys=True),
         "direction": direction,
         "training": json.dumps(training or {}, sort_keys=True),
     }

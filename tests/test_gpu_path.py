@@ -1,4 +1,4 @@
-"""The GPU path (model/gpu.py) on the device this machine has: torchvision's codecs on CPU stand in for
+"""The GPU path (model/codecs.py, model/backends.py) on the device this machine has: torchvision's codecs on CPU stand in for
 nvJPEG, the same code otherwise; CUDA graphs are checked only where CUDA is."""
 import io
 import subprocess
@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from model.gpu import BATCH_BUCKETS, decode_jpegs, encode_jpegs, fit_tensor, jpeg_orientation, paint_jpegs
+from model.backends import BATCH_BUCKETS
+from model.codecs import decode_jpegs, encode_jpegs, fit_tensor, jpeg_orientation, paint_jpegs
 from model.translator import Translator
 from tests.conftest import ROOT, photo, small_generator
 
@@ -66,10 +67,10 @@ def test_paint_jpegs_matches_the_pillow_path():
         assert np.abs(np.asarray(got, dtype=float) - np.asarray(same_codec, dtype=float)).mean() < 1.0
 
 
-def test_translate_tensors_equals_translate_arrays():
+def test_translate_many_on_tensors_equals_translate_arrays():
     translator = Translator(small_generator(seed=7), device="cpu", precision="fp32", backend="torch", max_batch=2)
     arrays = [np.asarray(photo(32, 24, seed=i)) for i in range(3)] + [np.asarray(photo(20, 20, seed=5))]
-    tensors = translator.translate_tensors([torch.from_numpy(a.copy()) for a in arrays])
+    tensors = translator.translate_many([torch.from_numpy(a.copy()) for a in arrays])
     for a, t in zip(arrays, tensors):
         assert np.array_equal(translator.translate_arrays(a[None])[0], t.numpy())
     encoded = encode_jpegs(tensors[:2])
@@ -131,10 +132,9 @@ class _ReplayOnCPU:
 
 
 def test_cuda_graphs_bookkeeping_buckets_batches_and_keeps_the_most_recent_shapes():
-    from model.gpu import CudaGraphs
-    from model.translator import _Painter
+    from model.backends import CudaGraphs, UInt8Generator
 
-    painter = _Painter(small_generator(seed=9).eval(), torch.float32)
+    painter = UInt8Generator(small_generator(seed=9).eval())
     captured = []
 
     class OnCPU(CudaGraphs):

@@ -54,7 +54,8 @@ def test_bad_weights_and_missing_inputs_give_one_line_errors(tmp_path, weights_f
 
 
 def test_the_shipped_default_weights_work_without_flags(tmp_path):
-    from model.translator import DEFAULT_WEIGHTS, Translator
+    from model.translator import Translator
+    from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS
 
     translator = Translator.from_file(DEFAULT_WEIGHTS, device="cpu")
     assert translator.info.direction == "photo->monet" and translator.info.training["preset"] == "cpu"

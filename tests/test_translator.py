@@ -129,7 +129,7 @@ def test_from_file_and_device_errors(weights_file):
 
 @pytest.mark.skipif(not openvino_available(), reason="the openvino extra is not installed")
 def test_openvino_paints_like_torch_within_one_level():
-    from model.translator import DEFAULT_WEIGHTS
+    from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS
 
     images = [photo(256, 256, seed=1), photo(200, 120, seed=2)]
     torch_fp32 = Translator.from_file(DEFAULT_WEIGHTS, device="cpu", precision="fp32", backend="torch")
@@ -200,7 +200,7 @@ def test_openvino_batches_split_across_streams_paint_like_single_images():
 
 
 def test_cpu_cores_respects_a_container_cpu_quota(tmp_path):
-    from model.backends import cpu_cores
+    from model.runtime import cpu_cores
 
     machine = len(__import__("os").sched_getaffinity(0))
     quota = tmp_path / "cpu.max"

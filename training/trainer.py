@@ -16,7 +16,7 @@ import torch.nn.functional as F_
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.translator import native_bf16
+from model.runtime import autocast_dtype as _autocast_dtype
 from training.augment import DiffAugment
 from training.config import TrainConfig
 from training.ema import EMA
@@ -24,13 +24,7 @@ from training.ema import EMA
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``cfg.precision`` on ``device``; None means plain fp32."""
-    if cfg.precision == "fp32":
-        return None
-    if cfg.precision == "bf16":
-        return torch.bfloat16
-    if cfg.precision == "fp16":
-        return torch.float16
-    return torch.bfloat16 if native_bf16(device) else None
+    return _autocast_dtype(device, cfg.precision)
 
 
 class GANLoss(nn.Module):

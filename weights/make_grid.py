@@ -12,7 +12,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.images import fit_max_side, to_rgb  # noqa: E402
-from model.translator import DEFAULT_WEIGHTS, Translator  # noqa: E402
+from model.translator import Translator  # noqa: E402
+from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS  # noqa: E402
 
 
 def main() -> None:

@@ -1,78 +1,38 @@
-"""The GPU path: JPEG files decoded by nvJPEG in one batched call, the generator replayed from CUDA graphs,
-paintings encoded by nvJPEG, with no host copy of the pixels in between.
+"""Image codecs shared by the CLI and the service: the output formats, and JPEG decode and encode through
+torchvision (nvJPEG on CUDA, one batched call; libjpeg-turbo on CPU), so JPEG in and JPEG out never touch
+the host on a GPU.
 
-Pure torch and torchvision (no web stack): `python -m model.translate` uses it on CUDA for JPEG in and JPEG
-out (`--codec auto`), and `benchmarks/bench_model.py` times it. The same functions run on CPU with
-torchvision's libjpeg, which is how the tests check them on machines without a GPU; only ``CudaGraphs``
-needs CUDA.
+Pure torch, torchvision and Pillow (no web stack).
 """
 from __future__ import annotations
 
 import io
 import warnings
-from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 from torch import nn
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How a painting is written: Pillow's format name, the media type, the file extension, save options."""
+
+    pil: str
+    media_type: str
+    extension: str
+    options: dict = field(default_factory=dict)
 
 
-class CudaGraphs:
-    """Replays ``module`` (uint8 (N, H, W, 3) in, (uint8 paintings, all-finite flag) out) from CUDA graphs.
-
-    One graph per (batch bucket, height, width): a batch of N images runs in the graph of the next bucket in
-    ``BATCH_BUCKETS`` (the spare slots hold zeros; instance norm is per image, so they change nothing), so a
-    server's varying batch sizes need at most 8 graphs per image size. Spatial sizes are not padded up to a
-    bucket: instance norm would see the padding and the painting would change. A shape is captured the second
-    time it is seen (a one-off size runs eagerly), and the ``max_graphs`` most recently used are kept.
-    Callers serialise calls (the Translator holds its lock).
-    """
-
-    def __init__(self, module: nn.Module, max_graphs: int = 8, capture_after: int = 2):
-        self.module = module
-        self.max_graphs = max_graphs
-        self.capture_after = capture_after
-        self.graphs: OrderedDict[tuple[int, int, int], tuple] = OrderedDict()
-        self.seen: Counter = Counter()
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, h, w = x.shape[:3]
-        bucket = next((b for b in BATCH_BUCKETS if b >= n), None)
-        if bucket is None:
-            return self.module(x)
-        key = (bucket, h, w)
-        entry = self.graphs.get(key)
-        if entry is None:
-            self.seen[key] += 1
-            if self.seen[key] < self.capture_after:
-                return self.module(x)
-            entry = self._capture(key, x.device)
-            self.graphs[key] = entry
-            if len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        static_in, graph, out, finite = entry
-        static_in[:n].copy_(x)
-        if bucket > n:
-            static_in[n:].zero_()
-        graph.replay()
-        return out[:n].clone(), finite.clone()
-
-    def _capture(self, key: tuple[int, int, int], device: torch.device) -> tuple:
-        bucket, h, w = key
-        static_in = torch.zeros((bucket, h, w, 3), dtype=torch.uint8, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the default stream (cuDNN picks its algorithms here)
-            for _ in range(2):
-                self.module(static_in)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, finite = self.module(static_in)
-        return static_in, graph, out, finite
+# One table for the CLI and the service. PNG is lossless (the service uses fpng where it is installed, else
+# zlib level 1: painterly noise barely compresses, and levels 3-6 cost 1.4-2x the time for 1-2%).
+FORMATS = {
+    "png": OutputFormat("PNG", "image/png", ".png", {"compress_level": 1}),
+    "jpeg": OutputFormat("JPEG", "image/jpeg", ".jpg", {"quality": 92}),
+    "webp": OutputFormat("WEBP", "image/webp", ".webp", {"quality": 90}),
+}
+JPEG_QUALITY = FORMATS["jpeg"].options["quality"]
 
 
 # EXIF orientation -> the same transposition as PIL's ImageOps.exif_transpose, on a (3, H, W) tensor
@@ -132,7 +92,7 @@ def decode_jpegs(blobs: list[bytes], device: torch.device | str) -> list[torch.T
     return out
 
 
-def encode_jpegs(images: list[torch.Tensor], quality: int = 95) -> list[bytes]:
+def encode_jpegs(images: list[torch.Tensor], quality: int = JPEG_QUALITY) -> list[bytes]:
     """uint8 (H, W, 3) images (on CUDA: nvJPEG, one batched call) as JPEG files."""
     from torchvision.io import encode_jpeg
 
@@ -160,11 +120,11 @@ def fit_tensor(image: torch.Tensor, max_side: int | None) -> torch.Tensor:
     return small[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
-def paint_jpegs(translator, blobs: list[bytes], max_side: int | None = None, quality: int = 95) -> list[bytes | None]:
+def paint_jpegs(translator, blobs: list[bytes], max_side: int | None = None, quality: int = JPEG_QUALITY) -> list[bytes | None]:
     """JPEG files in, JPEG paintings out, the pixels staying on the translator's device from decode to encode.
     None for an input this path cannot take (CMYK, not a JPEG, damaged): paint those through Pillow."""
     decoded = decode_jpegs(blobs, translator.device)
     images = {i: fit_tensor(img, max_side).permute(1, 2, 0) for i, img in enumerate(decoded) if img is not None}
-    paintings = dict(zip(images, translator.translate_tensors(list(images.values()))))
+    paintings = dict(zip(images, translator.translate_many(list(images.values()))))
     encoded = dict(zip(paintings, encode_jpegs(list(paintings.values()), quality)))
     return [encoded.get(i) for i in range(len(blobs))]
