@@ -1,35 +1,38 @@
 """The dynamic batcher between the routes (REST and UI) and the translator.
 
-Requests wait in one bounded queue. A worker takes the first waiting request, then gathers more
-until it has ``max_batch`` or ``max_wait`` has passed, drops those whose deadline passed or whose
-client went away, and runs same-size images as one forward pass in a worker thread, so the event
-loop keeps accepting requests meanwhile. Results go back to their own requests.
+Admission comes first: a request takes one of ``queue_size`` slots (``slot()``) before it decodes its
+upload, so under overload a refusal costs nothing. Admitted requests queue their images; a worker takes the
+first waiting one, then gathers more until it has ``max_batch`` or ``max_wait`` has passed, drops those whose
+deadline passed or whose client went away, and hands the batch to the translator in a worker thread (the
+translator groups same-size images into forward passes), so the event loop keeps accepting requests
+meanwhile. Results go back to their own requests. A slot is freed when the worker takes its job.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import numpy as np
 
+from app.errors import Busy, ClientClosed, TimedOut
 from app.imaging import release_free_memory
 from model.translator import Translator
 
 IDLE_TRIM_S = 1.0  # after this long with an empty queue, freed memory goes back to the OS (once per idle spell)
 
 
-class QueueFull(RuntimeError):
-    """The queue holds ``queue_size`` requests already; try again shortly."""
+class QueueFull(Busy):
+    """``queue_size`` requests are admitted and waiting already; try again shortly."""
 
 
-class ClientGone(RuntimeError):
+class ClientGone(ClientClosed):
     """The client closed its connection while its job was queued; the job was dropped before compute."""
 
 
-class DeadlineExceeded(RuntimeError):
+class DeadlineExceeded(TimedOut):
     """The request's deadline passed before its turn came."""
 
 
@@ -46,7 +49,37 @@ class _Job:
     deadline: float
     gone: Callable[[], Awaitable[bool]] | None
     future: asyncio.Future
+    slot: "Slot"
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Slot:
+    """One admitted request's place: held from admission until the worker takes its job (or it leaves)."""
+
+    def __init__(self, batcher: "Batcher"):
+        self.batcher, self.held = batcher, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.batcher.admitted -= 1
+
+    async def submit(self, image: np.ndarray, timeout_s: float,
+                     gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[np.ndarray, "Timing"]:
+        """Queue one RGB uint8 image; returns the painting and its timings. Raises DeadlineExceeded after
+        ``timeout_s``, ClientGone when ``gone()`` says the client left while queued."""
+        loop = asyncio.get_running_loop()
+        job = _Job(image, time.perf_counter() + timeout_s, gone, loop.create_future(), self)
+        self.batcher.queue.put_nowait(job)
+        self.batcher._depth()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
+        except asyncio.TimeoutError:
+            job.future.cancel()
+            raise DeadlineExceeded(f"the request timed out before its turn (no result within {timeout_s:g} s)") from None
+        except asyncio.CancelledError:
+            job.future.cancel()  # the caller went away: the worker will skip this job
+            raise
 
 
 class Batcher:
@@ -54,7 +87,8 @@ class Batcher:
 
     def __init__(self, translator: Translator, max_batch: int, max_wait_s: float, queue_size: int, metrics=None):
         self.translator, self.max_batch, self.max_wait_s = translator, max_batch, max_wait_s
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self.queue_size, self.admitted = queue_size, 0
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()  # bounded by admission
         self.metrics = metrics
         self._worker: asyncio.Task | None = None
         self._dirty = False  # work ran since the last trim
@@ -74,27 +108,23 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(QueueFull("the service is shutting down"))
 
+    @contextmanager
+    def slot(self):
+        """Admit one request (a ``Slot``), or raise QueueFull at once when ``queue_size`` are admitted."""
+        if self.admitted >= self.queue_size:
+            raise QueueFull(f"the service is busy ({self.queue_size} requests are already waiting); retry shortly")
+        self.admitted += 1
+        slot = Slot(self)
+        try:
+            yield slot
+        finally:
+            slot.release()
+
     async def submit(self, image: np.ndarray, timeout_s: float,
                      gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[np.ndarray, Timing]:
-        """Queue one RGB uint8 image; returns the painting and its timings.
-
-        Raises QueueFull at once when the queue is full, DeadlineExceeded after ``timeout_s``.
-        """
-        loop = asyncio.get_running_loop()
-        job = _Job(image, time.perf_counter() + timeout_s, gone, loop.create_future())
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise QueueFull(f"{self.queue.maxsize} requests are already waiting") from None
-        self._depth()
-        try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-        except asyncio.TimeoutError:
-            job.future.cancel()
-            raise DeadlineExceeded(f"no result within {timeout_s:g} s") from None
-        except asyncio.CancelledError:
-            job.future.cancel()  # the caller went away: the worker will skip this job
-            raise
+        """Admit and queue one image in one call (``slot`` then ``Slot.submit``)."""
+        with self.slot() as slot:
+            return await slot.submit(image, timeout_s, gone)
 
     def _depth(self) -> None:
         if self.metrics is not None:
@@ -105,10 +135,15 @@ class Batcher:
         left behind back to the OS (glibc would keep it)."""
         while True:
             try:
-                return await asyncio.wait_for(self.queue.get(), IDLE_TRIM_S if self._dirty else None)
+                return self._take(await asyncio.wait_for(self.queue.get(), IDLE_TRIM_S if self._dirty else None))
             except asyncio.TimeoutError:
                 await asyncio.to_thread(self._release)
                 self._dirty = False
+
+    @staticmethod
+    def _take(job: _Job) -> _Job:
+        job.slot.release()  # out of the queue: its place goes to the next request
+        return job
 
     def _release(self) -> None:
         self.translator.release_memory()
@@ -122,10 +157,10 @@ class Batcher:
             left = until - time.perf_counter()
             if left <= 0:
                 while len(batch) < self.max_batch and not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
+                    batch.append(self._take(self.queue.get_nowait()))
                 break
             try:
-                batch.append(await asyncio.wait_for(self.queue.get(), left))
+                batch.append(self._take(await asyncio.wait_for(self.queue.get(), left)))
             except asyncio.TimeoutError:
                 break
         self._depth()
@@ -151,7 +186,7 @@ class Batcher:
         batch has started computing (at once when nothing is waiting): their encoding and sending then
         overlap the forward pass instead of leaving the cores idle between two batches."""
         loop = asyncio.get_running_loop()
-        finished: list[tuple[list[_Job], np.ndarray | Exception, float, float]] = []
+        finished: list[tuple[list[_Job], list | Exception, float, float]] = []
         try:
             await self._loop(loop, finished)
         finally:  # stopped: what was computed still goes out
@@ -162,19 +197,16 @@ class Batcher:
             if finished and self.queue.empty():
                 self._deliver(finished)
             jobs = await self._live(await self._gather())
-            groups: dict[tuple, list[_Job]] = defaultdict(list)
-            for job in jobs:
-                groups[job.image.shape].append(job)
-            for group in groups.values():
-                started = time.perf_counter()
-                computing = loop.run_in_executor(None, self.translator.translate_arrays,
-                                                 np.stack([j.image for j in group]))
-                self._deliver(finished)
-                try:
-                    out: np.ndarray | Exception = await computing
-                except Exception as exc:  # keep serving: this batch fails, the next one runs
-                    out = exc
-                finished.append((group, out, started, (time.perf_counter() - started) * 1000))
+            if not jobs:
+                continue
+            started = time.perf_counter()  # the translator groups same-size images into forward passes
+            computing = loop.run_in_executor(None, self.translator.translate_many, [j.image for j in jobs])
+            self._deliver(finished)
+            try:
+                out: list | Exception = await computing
+            except Exception as exc:  # keep serving: this batch fails, the next one runs
+                out = exc
+            finished.append((jobs, out, started, (time.perf_counter() - started) * 1000))
 
     def _deliver(self, finished: list) -> None:
         for group, out, started, compute_ms in finished:

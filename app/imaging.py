@@ -12,14 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from app.errors import BadImage, TooLarge, UnsupportedMedia
+from model.codecs import FORMATS
 from model.images import draft_for, fitted_size, prepare
 
-FORMATS = {  # name -> (PIL format, media type, save options)
-    # without fpng: zlib level 1 (painterly noise barely compresses: level 3 or 6 cost 1.4-2x the time for 1-2%)
-    "png": ("PNG", "image/png", {"compress_level": 1}),
-    "jpeg": ("JPEG", "image/jpeg", {"quality": 92}),
-    "webp": ("WEBP", "image/webp", {"quality": 90}),
-}
 # The flattest possible JPEG (one grey, progressive, optimised Huffman) still needs about 1 bit per 8x8 block,
 # 0.015 bits per pixel; a file with less than 0.01 bits per pixel cannot hold its declared image.
 JPEG_MIN_BYTES_PER_PIXEL_INV = 800
@@ -31,14 +27,6 @@ try:
 except ImportError:  # not on this platform: Pillow's zlib encoder
     _fpng = None
 FAST_PNG = _fpng is not None
-
-
-class ImageRejected(ValueError):
-    """An upload the service won't process; ``status`` is the HTTP status that fits."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
 
 
 @dataclass
@@ -55,36 +43,36 @@ _BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 10, "LA": 10, "I;16": 14, "I;16B": 14, 
 
 
 def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
-    """Read an upload's header and check it, decoding no pixel: 400 unreadable or forged, 413 too many
-    pixels (a decompression bomb costs nothing), 415 format. A JPEG is set to decode at the smallest
+    """Read an upload's header and check it, decoding no pixel: BadImage (unreadable or forged), TooLarge
+    (too many pixels: a decompression bomb costs nothing), UnsupportedMedia (format). A JPEG is set to decode at the smallest
     scale (1/2, 1/4, 1/8) that still covers ``max_side``, and ``cost`` counts that reduced size."""
     if not data:
-        raise ImageRejected(400, "the body is empty; send the image bytes")
+        raise BadImage("the body is empty; send the image bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageRejected(400, "the body is not an image that can be read (send JPEG, PNG, WebP, BMP, TIFF or GIF)") from None
+        raise BadImage("the body is not an image that can be read (send JPEG, PNG, WebP, BMP, TIFF or GIF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRejected(413, f"the image has more than {max_pixels} pixels") from None
+        raise TooLarge(f"the image has more than {max_pixels} pixels") from None
     except Exception:
-        raise ImageRejected(400, "the image header is damaged") from None
+        raise BadImage("the image header is damaged") from None
     if img.format not in ACCEPTED_INPUTS:
-        raise ImageRejected(415, f"{img.format} images are not supported; send JPEG, PNG, WebP, BMP, TIFF or GIF")
+        raise UnsupportedMedia(f"{img.format} images are not supported; send JPEG, PNG, WebP, BMP, TIFF or GIF")
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageRejected(413, f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        raise TooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     if width < 1 or height < 1:
-        raise ImageRejected(400, "the image has no pixels")
+        raise BadImage("the image has no pixels")
     if img.format in ("JPEG", "MPO") and len(data) * JPEG_MIN_BYTES_PER_PIXEL_INV < width * height:
         # a header whose size was raised without the data: libjpeg would pad it with grey, silently
-        raise ImageRejected(400, f"the JPEG holds {len(data)} bytes, far too little data for its declared "
+        raise BadImage(f"the JPEG holds {len(data)} bytes, far too little data for its declared "
                                  f"{width}x{height} pixels: its header is damaged or forged")
     try:
         draft_for(img, max_side)
     except Exception:
-        raise ImageRejected(400, "the image header is damaged") from None
+        raise BadImage("the image header is damaged") from None
     w, h = img.size
     out_w, out_h = fitted_size((w, h), max_side)
     return Opened(img, w * h * _BYTES_PER_PIXEL.get(img.mode, 10) + out_w * out_h * 8)
@@ -92,14 +80,14 @@ def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
 
 def finish_decode(opened: Opened, max_side: int) -> np.ndarray:
     """Decode an opened upload into an upright RGB uint8 array (H, W, 3), its longer side at most
-    ``max_side``. Raises ImageRejected(400) for damaged or truncated data."""
+    ``max_side``. Raises BadImage for damaged or truncated data."""
     try:
         return np.asarray(prepare(opened.image, max_side), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "damaged"
-        raise ImageRejected(400, f"the image data is {reason} and cannot be decoded") from None
+        raise BadImage(f"the image data is {reason} and cannot be decoded") from None
     except Exception:
-        raise ImageRejected(400, "the image cannot be decoded") from None
+        raise BadImage("the image cannot be decoded") from None
     finally:
         opened.image.close()
 
@@ -165,9 +153,9 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
     (0.2 ms at 256x256, 2 ms at 1024x768 against 5 and 47 ms), for files about 20% larger."""
     if fmt == "png" and _fpng is not None:
         return _fpng.from_ndarray(np.ascontiguousarray(array))
-    pil_format, _, options = FORMATS[fmt]
+    out = FORMATS[fmt]
     buf = io.BytesIO()
-    Image.fromarray(array, "RGB").save(buf, pil_format, **options)
+    Image.fromarray(array, "RGB").save(buf, out.pil, **out.options)
     return buf.getvalue()
 
 
@@ -178,7 +166,7 @@ def negotiate(format_param: str | None, accept: str | None, default: str) -> str
         return format_param
     if not accept or not accept.strip():
         return default
-    by_type = {media: name for name, (_, media, _) in FORMATS.items()}
+    by_type = {f.media_type: name for name, f in FORMATS.items()}
     best, best_q = None, 0.0
     for order, part in enumerate(accept.split(",")):
         fields = [f.strip() for f in part.split(";")]

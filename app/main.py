@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from app import errors
 from app.config import Settings
 from app.observability import Metrics, ObservabilityMiddleware
 from app.routes import router
-from app.service import PaintingService, ServiceError
+from app.service import PaintingService
 from app.uploads import UploadBudget
 
 
@@ -34,9 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.upload_budget = UploadBudget(settings.upload_buffer_bytes)
     app.include_router(router)
 
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+    errors.install(app)  # refusals -> status codes, in one place
 
     if settings.ui:
         from app.ui import mount_ui

@@ -26,6 +26,8 @@ class Metrics:
         self.batch_size = Histogram("monet_batch_size", "images per forward pass", buckets=sizes,
                                     registry=self.registry)
         self.queue_depth = Gauge("monet_queue_depth", "requests waiting for the model", registry=self.registry)
+        self.decodes = Counter("monet_decodes", "uploads decoded (each admitted first: a refusal decodes nothing)",
+                               registry=self.registry)
 
 
 def route_label(scope: Scope, entry: Scope | None = None) -> str:

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.errors import NotAcceptable
 from app.imaging import negotiate
-from app.service import PaintingService, ServiceError
+from app.service import PaintingService
 from app.uploads import image_bytes
 
 router = APIRouter()
@@ -48,7 +49,7 @@ async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | N
     service = service_of(request)
     fmt = negotiate(format, request.headers.get("accept"), service.settings.default_format)
     if fmt is None:
-        raise ServiceError(406, "none of the Accept header's types can be produced; accept image/png, image/jpeg or image/webp")
+        raise NotAcceptable("none of the Accept header's types can be produced; accept image/png, image/jpeg or image/webp")
     s = service.settings
     data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, request.app.state.upload_budget)
     painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength)
@@ -67,14 +68,9 @@ async def healthz() -> dict:
 @router.get("/readyz", responses={503: {"description": "weights not loaded or not warmed up yet"}})
 async def readyz(request: Request):
     """The weights are loaded and warmed up."""
-    service = service_of(request)
-    if service.ready:
-        return {"status": "ready"}
-    if service.draining:
-        return JSONResponse({"detail": "shutting down"}, status_code=503)
-    if service.load_error:  # permanent: no Retry-After; the reason is also in /info and the log
-        return JSONResponse({"detail": f"the model could not be loaded: {service.load_error}"}, status_code=503)
-    return JSONResponse({"detail": "loading"}, status_code=503, headers={"Retry-After": "5"})
+    if (refusal := service_of(request).readiness()) is not None:
+        raise refusal  # 503, the same answer a request would get now
+    return {"status": "ready"}
 
 
 @router.get("/info")

@@ -11,29 +11,21 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from app.batcher import Batcher, ClientGone, DeadlineExceeded, QueueFull, Timing
+from app.batcher import Batcher, Timing
 from app.config import Settings
-from app.imaging import FAST_PNG, FORMATS, DecodeBudget, ImageRejected, blend, encode, finish_decode, open_upload
+from app.errors import Busy, ClientClosed, NotReady
+from app.imaging import FAST_PNG, FORMATS, DecodeBudget, blend, encode, finish_decode, open_upload
 from app.observability import Metrics
-from model.translator import NonFiniteOutput, Translator
+from model.translator import Translator
 
 log = logging.getLogger("monet.service")
 
 
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered, behind a load balancer
-CLIENT_CLOSED = 499
 # Images up to this size are decoded and encoded on the event loop: at 256x256 a decode takes about 1 ms and
 # an fpng/JPEG encode 0.1-0.2 ms, less than handing the work to a thread and back under load.
 INLINE_PIXELS = 512 * 512
-INLINE_COST = INLINE_PIXELS * 12  # nginx's status for a client that closed its connection before the answer
-
-
-class ServiceError(Exception):
-    """An error with its HTTP status, a `detail` for the client, and optional headers."""
-
-    def __init__(self, status: int, detail: str, headers: dict | None = None):
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers or {}
+INLINE_COST = INLINE_PIXELS * 12  # the decode budget's cost of such an image (open_upload's estimate)
 
 
 @dataclass
@@ -64,9 +56,19 @@ class PaintingService:
         self.draining = False  # set on SIGTERM: finish what was accepted, take nothing new
         self._loading: asyncio.Task | None = None
 
+    def readiness(self) -> NotReady | Busy | None:
+        """None when this replica serves; else the refusal that /readyz and every request answer with."""
+        if self.draining:
+            return Busy("shutting down")  # retry: another replica (or this one's successor) will answer
+        if self.batcher is None:
+            if self.load_error:  # permanent until an operator fixes the weights: no Retry-After
+                return NotReady(f"the model could not be loaded and this replica cannot serve: {self.load_error}")
+            return NotReady("the model is still loading", retry_after=5)
+        return None
+
     @property
     def ready(self) -> bool:
-        return self.batcher is not None and not self.draining
+        return self.readiness() is None
 
     async def start(self) -> None:
         self._loading = asyncio.create_task(self._load())
@@ -111,47 +113,36 @@ class PaintingService:
         }
 
     async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0) -> Painting:
-        """Decode ``data``, translate it through the batcher, blend ``strength`` of the painting with the
-        photo, encode as ``fmt``. Raises ServiceError."""
-        if self.draining:
-            raise ServiceError(503, "this replica is shutting down; retry (another replica will answer)",
-                               {"Retry-After": "1"})
-        if self.batcher is None:
-            if self.load_error:  # permanent until an operator fixes the weights: no Retry-After
-                raise ServiceError(503, f"the model could not be loaded and this replica cannot serve: {self.load_error}")
-            raise ServiceError(503, "the model is still loading", {"Retry-After": "5"})
+        """Admit the request, then decode ``data``, translate it through the batcher, blend ``strength`` of the
+        painting with the photo, encode as ``fmt``. Raises a Refusal (app.errors) or NonFiniteOutput."""
+        if (refusal := self.readiness()) is not None:
+            raise refusal
         s = self.settings
-        started = time.perf_counter()
-        try:
-            opened = open_upload(data, s.max_pixels, s.max_side)  # the header only: microseconds
-            async with self.decode_budget.hold(opened.cost, s.request_timeout_s):
-                if opened.cost <= INLINE_COST:  # cheaper than the hop to a worker thread and back
-                    image: np.ndarray = finish_decode(opened, s.max_side)
-                else:
-                    image = await run_in_threadpool(finish_decode, opened, s.max_side)
-        except ImageRejected as exc:
-            raise ServiceError(exc.status, exc.detail) from None
-        except asyncio.TimeoutError:
-            raise ServiceError(503, "the server is busy decoding other large images; retry shortly",
-                               {"Retry-After": "1"}) from None
-        decoded = time.perf_counter()
-        try:
-            result, timing = await self.batcher.submit(image, s.request_timeout_s, gone)
-        except QueueFull as exc:
-            raise ServiceError(503, f"the service is busy ({exc}); retry shortly", {"Retry-After": "1"}) from None
-        except DeadlineExceeded as exc:
-            raise ServiceError(504, f"the request timed out before its turn ({exc})") from None
-        except ClientGone as exc:  # 499, nginx's "client closed request": nobody reads this answer
-            raise ServiceError(CLIENT_CLOSED, str(exc)) from None
-        except NonFiniteOutput as exc:  # the weights' fault, not the client's
-            log.error("non-finite output: %s", exc)
-            raise ServiceError(500, f"server fault: {exc}") from None
+        with self.batcher.slot() as slot:  # admitted before any decode: under overload a 503 costs nothing
+            started = time.perf_counter()
+            image = await self._decode(data)
+            decoded = time.perf_counter()
+            result, timing = await slot.submit(image, s.request_timeout_s, gone)
         if gone is not None and await gone():  # left during compute: skip the encode nobody would read
-            raise ServiceError(CLIENT_CLOSED, "the client closed the connection before its painting was ready")
+            raise ClientClosed("the client closed the connection before its painting was ready")
         computed = time.perf_counter()
         if image.size <= INLINE_PIXELS * 3 and (fmt == "jpeg" or (fmt == "png" and FAST_PNG)):
             body = encode(blend(image, result, strength), fmt)  # well under a millisecond: no thread hop
         else:
             body = await run_in_threadpool(lambda: encode(blend(image, result, strength), fmt))
-        return Painting(body, FORMATS[fmt][1], timing, image, (decoded - started) * 1000,
+        return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
+
+    async def _decode(self, data: bytes) -> np.ndarray:
+        """Check the header, wait for a share of the decode budget, decode. Raises BadImage, TooLarge,
+        UnsupportedMedia, or Busy when the budget stays taken past the request's deadline."""
+        s = self.settings
+        opened = open_upload(data, s.max_pixels, s.max_side)  # the header only: microseconds
+        try:
+            async with self.decode_budget.hold(opened.cost, s.request_timeout_s):
+                self.metrics.decodes.inc()
+                if opened.cost <= INLINE_COST:  # cheaper than the hop to a worker thread and back
+                    return finish_decode(opened, s.max_side)
+                return await run_in_threadpool(finish_decode, opened, s.max_side)
+        except asyncio.TimeoutError:
+            raise Busy("the server is busy decoding other large images; retry shortly") from None

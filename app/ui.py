@@ -18,7 +18,9 @@ import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from app.service import PaintingService, ServiceError  # noqa: E402
+from app.errors import Refusal, detail_of, status_of  # noqa: E402
+from app.service import PaintingService  # noqa: E402
+from model.translator import NonFiniteOutput  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 FAVICON = Path(__file__).resolve().parent / "static" / "favicon.png"
@@ -64,9 +66,9 @@ def build_ui(service: PaintingService) -> gr.Blocks:
         share = min(max(float(100 if strength is None else strength), 0.0), 100.0) / 100.0
         try:
             painting = await service.paint(data, "png", strength=share)
-        except ServiceError as exc:
-            log_ui(exc.status, exc.detail)
-            raise gr.Error(exc.detail, print_exception=False) from None
+        except (Refusal, NonFiniteOutput) as exc:
+            log_ui(status_of(exc), detail_of(exc))
+            raise gr.Error(detail_of(exc), print_exception=False) from None
         OUTPUTS.mkdir(parents=True, exist_ok=True)
         prune(OUTPUTS, ttl)
         fd, name = tempfile.mkstemp(prefix="monet-", suffix=".png", dir=OUTPUTS)

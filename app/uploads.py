@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 
-from app.service import CLIENT_CLOSED, ServiceError
+from app.errors import BadRequest, Busy, ClientClosed, MalformedBody, TooLarge, UnsupportedMedia, UploadTooSlow
 
 
 MAX_FILES, MAX_FIELDS, MAX_PART_SIZE, MAX_HEADER = 4, 16, 64 * 1024, 4096
@@ -43,11 +43,12 @@ class UploadBudget:
 
 async def read_limited(request: Request, limit: int, timeout_s: float | None = None,
                        budget: UploadBudget | None = None) -> bytes:
-    """The request body: 413 as soon as it exceeds ``limit`` bytes, 408 when it takes longer than
-    ``timeout_s`` to arrive, 503 when unfinished uploads together would hold more than ``budget``."""
+    """The request body. Raises TooLarge as soon as it exceeds ``limit`` bytes, UploadTooSlow when it takes
+    longer than ``timeout_s`` to arrive, Busy when unfinished uploads together would hold more than ``budget``,
+    ClientClosed when the client leaves mid-body."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ServiceError(413, f"the body is {declared} bytes; the limit is {limit}")
+        raise TooLarge(f"the body is {declared} bytes; the limit is {limit}")
     buf = bytearray()
     held = 0
 
@@ -56,20 +57,19 @@ async def read_limited(request: Request, limit: int, timeout_s: float | None = N
         async for chunk in request.stream():
             if budget is not None:
                 if not budget.take(len(chunk)):
-                    raise ServiceError(503, "the server holds too many unfinished uploads; retry shortly",
-                                       {"Retry-After": "1"})
+                    raise Busy("the server holds too many unfinished uploads; retry shortly")
                 held += len(chunk)
             buf.extend(chunk)
             if len(buf) > limit:
-                raise ServiceError(413, f"the body exceeds the limit of {limit} bytes")
+                raise TooLarge(f"the body exceeds the limit of {limit} bytes")
 
     try:
         await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
-        raise ServiceError(408, f"the body did not arrive within {timeout_s:g} s ({len(buf)} bytes came); "
+        raise UploadTooSlow(f"the body did not arrive within {timeout_s:g} s ({len(buf)} bytes came); "
                                 "send it faster or in a smaller size") from None
     except ClientDisconnect:
-        raise ServiceError(CLIENT_CLOSED, f"the client closed the connection after {len(buf)} bytes of the body") from None
+        raise ClientClosed(f"the client closed the connection after {len(buf)} bytes of the body") from None
     finally:
         if budget is not None:
             budget.give(held)
@@ -78,12 +78,13 @@ async def read_limited(request: Request, limit: int, timeout_s: float | None = N
 
 async def image_bytes(request: Request, limit: int, timeout_s: float | None = None,
                       budget: UploadBudget | None = None) -> bytes:
-    """The uploaded image's bytes. Raises ServiceError 413/415/422/400 with a message that says what to send."""
+    """The uploaded image's bytes. Raises TooLarge, UnsupportedMedia, BadRequest or MalformedBody (and what
+    ``read_limited`` raises) with a message that says what to send."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith("image/"):
         return await read_limited(request, limit, timeout_s, budget)
     if content_type != "multipart/form-data":
-        raise ServiceError(415, f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
+        raise UnsupportedMedia(f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
                                 "with a file field named 'image', or the raw image with an image/* content type")
     body = await read_limited(request, limit, timeout_s, budget)
 
@@ -96,20 +97,20 @@ async def image_bytes(request: Request, limit: int, timeout_s: float | None = No
     except (MultiPartException, HTTPException) as exc:  # starlette names the limit hit (files, fields, part size)
         message = getattr(exc, "message", None) or getattr(exc, "detail", "")
         if (longest := longest_part_header(body)) > MAX_HEADER:
-            raise ServiceError(400, f"a multipart part header (its name or filename) is {longest} bytes long; "
+            raise MalformedBody(f"a multipart part header (its name or filename) is {longest} bytes long; "
                                     f"the limit is {MAX_HEADER}") from None
-        raise ServiceError(400, f"the multipart body was refused: {message} (send one file field named "
+        raise MalformedBody(f"the multipart body was refused: {message} (send one file field named "
                                 f"'image'; at most {MAX_FILES} files, {MAX_FIELDS} fields, non-file fields and "
                                 f"part headers under {MAX_PART_SIZE} bytes)") from None
     except Exception:
-        raise ServiceError(400, "the multipart body cannot be parsed") from None
+        raise MalformedBody("the multipart body cannot be parsed") from None
     try:
         fields = form.getlist("image")
         if len(fields) > 1:
-            raise ServiceError(422, f"the multipart body has {len(fields)} fields named 'image'; send exactly one")
+            raise BadRequest(f"the multipart body has {len(fields)} fields named 'image'; send exactly one")
         field = fields[0] if fields else None
         if not isinstance(field, UploadFile):
-            raise ServiceError(422, "the multipart body needs a file field named 'image'")
+            raise BadRequest("the multipart body needs a file field named 'image'")
         return await field.read()
     finally:
         await form.close()

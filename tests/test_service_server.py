@@ -64,6 +64,9 @@ def test_overload_gets_503_with_retry_after_and_the_server_recovers(server):
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+    # admitted before decoding: only the requests that got a slot were decoded, a 503 cost no decode
+    decodes = metric(httpx.get(server.url + "/metrics").text, "monet_decodes_total")
+    assert decodes == codes.count(200), (decodes, codes)
     assert httpx.get(server.url + "/healthz").status_code == 200
     # building the UI writes nothing into the source tree (it may be read-only, as in the image)
     assert not list((ROOT / "app").glob("*.pyi"))
@@ -146,8 +149,8 @@ def test_a_job_whose_client_left_while_queued_is_dropped(weights):
 
     translator = Translator.from_file(weights, device="cpu")
     runs = []
-    original = translator.translate_arrays
-    translator.translate_arrays = lambda batch: runs.append(len(batch)) or original(batch)
+    original = translator.translate_many
+    translator.translate_many = lambda images: runs.append(len(images)) or original(images)
 
     async def scenario():
         batcher = Batcher(translator, max_batch=4, max_wait_s=0.01, queue_size=8)
