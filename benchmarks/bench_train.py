@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F_
 
 from training.config import preset_config
-from training.cut import CUTTrainer
-from training.cyclegan import CycleGANTrainer, Discriminators, GANLoss, Generators, ImagePool
+from training.cut import CUT
+from training.cyclegan import CycleGAN, Discriminators, GANLoss, Generators, ImagePool
 
 
 def sync(device):
@@ -99,10 +99,10 @@ def main():
         for model, compiled, b in itertools.product(models, [False, True] if args.compile else [False], sizes):
             cfg_b = preset_config(preset, image_size=args.image_size, load_size=0, batch_size=b, compile=compiled,
                                   model=model, **small)
-            trainer = (CycleGANTrainer if model == "cyclegan" else CUTTrainer)(cfg_b, device, total_steps=10_000)
-            ours = measure(lambda x, y: trainer.step(trainer.to_input_float(x), trainer.to_input_float(y)),
+            trainer = (CycleGAN if model == "cyclegan" else CUT)(cfg_b, device, total_steps=10_000)
+            ours = measure(lambda x, y: trainer.step(trainer.nets.to_input(x), trainer.nets.to_input(y)),
                            b, device, args.steps, args.image_size)
-            label = (f"{model} step ({str(trainer.amp_dtype or 'fp32').replace('torch.', '')}, batch {b}"
+            label = (f"{model} step ({str(trainer.nets.dtype or 'fp32').replace('torch.', '')}, batch {b}"
                      f"{', compiled' if compiled else ''})")
             print(f"[{preset}] {label:<48}: {ours:7.2f} images/s  {ours / base:.2f}x", flush=True)
 

@@ -13,8 +13,8 @@ from tests.conftest import ROOT, photo, run_module, unpaired_folders
 from training.augment import DiffAugment
 from training.baselines import colour_transfer, lab_statistics, rgb_to_lab
 from training.config import preset_config
-from training.cut import CUTTrainer, patch_nce_loss
-from training.cyclegan import CycleGANTrainer
+from training.cut import CUT, patch_nce_loss
+from training.cyclegan import CycleGAN
 from training.ema import EMA
 
 SMALL = ["--ngf", "8", "--n-blocks", "1", "--ndf", "8", "--num-workers", "0", "--log-every", "2",
@@ -65,8 +65,8 @@ def _zero_share(batch: torch.Tensor) -> torch.Tensor:
 def test_discriminator_sees_augmented_real_and_fake_in_both_steps(model):
     torch.manual_seed(0)
     cfg = preset_config("cyclegan", model=model, diffaugment="cutout", **TINY)
-    trainer = (CycleGANTrainer if model == "cyclegan" else CUTTrainer)(cfg, torch.device("cpu"), total_steps=10)
-    d_monet = trainer.discs.D_monet if model == "cyclegan" else trainer.discs
+    trainer = (CycleGAN if model == "cyclegan" else CUT)(cfg, torch.device("cpu"), total_steps=10)
+    d_monet = trainer.nets.discs.D_monet if model == "cyclegan" else trainer.nets.discs
     seen = []
     d_monet.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     trainer.step(images(2, seed=1), images(2, seed=2))

@@ -1,63 +1,94 @@
 """One configuration object per training run, with the named presets it starts from."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def opt(default, help: str, *, run: bool = False, switch: bool = False):
+    """A TrainConfig field with its command-line help. ``run``: an option of this invocation (where the data
+    is, when to stop), not of the recipe; a resumed run takes it from the command line only. ``switch``: a
+    flag without a value (--resume)."""
+    return field(default=default, metadata={"help": help, "run": run, "switch": switch})
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run. Saved as RUN_DIR/config.json and inside every checkpoint."""
+    """Every option of a run, the recipe and the invocation. Saved one way, ``dataclasses.asdict``, as
+    RUN_DIR/config.json and inside every checkpoint; ``python -m training.fit --help`` lists the fields."""
 
-    preset: str = "cyclegan"
-    model: str = "cyclegan"  # cyclegan | cut | fastcut: the objective (training.cyclegan / training.cut)
+    # the run: where the data and the run folder are, how this invocation starts and stops
+    photos: str = opt("", "folder of photos (domain A); --resume reads it from the run")
+    paintings: str = opt("", "folder of paintings (domain B); --resume reads it from the run")
+    out: str = opt("", "run folder for config, checkpoints, samples, metrics", run=True)
+    preset: str = opt("cyclegan", "starting recipe: cyclegan (paper), kaggle (tutorial U-Net), cpu (FastCUT for "
+                      "2 cores, 9,000 steps)")
+    resume: bool = opt(False, "continue the run in --out from its last checkpoint", run=True, switch=True)
+    resume_if_present: bool = opt(False, "continue the run in --out if it has a checkpoint, else start it (for "
+                                  "Jobs that may be rescheduled: the same command line starts and resumes)",
+                                  run=True, switch=True)
+    device: str = opt("auto", "auto | cpu | cuda (torchrun: each rank takes cuda:LOCAL_RANK)", run=True)
+    stop_at_step: int = opt(0, "save a checkpoint and stop after this step (continue later with --resume)", run=True)
+    max_minutes: float = opt(0.0, "stop (validate, checkpoint, exit) after this many minutes of training, "
+                             "validation not counted; for comparing recipes at equal time (continue with --resume)",
+                             run=True)
+    no_export: bool = opt(False, "don't write RUN_DIR/photo2monet.safetensors at the end", run=True, switch=True)
     # networks
-    generator: str = "resnet"  # resnet | unet
-    ngf: int = 64
-    n_blocks: int = 9  # resnet only
-    upsample: str = "transpose"  # resnet only: transpose (the paper) | resize (bilinear + conv, no checkerboard)
-    ndf: int = 64
+    model: str = opt("cyclegan", "objective: cyclegan (two generators, cycle loss) | cut | fastcut (one generator, "
+                     "PatchNCE; roughly a third of CycleGAN's compute per step)")
+    generator: str = opt("resnet", "resnet | unet")
+    ngf: int = opt(64, "generator width")
+    n_blocks: int = opt(9, "residual blocks (resnet)")
+    upsample: str = opt("transpose", "resnet upsampling: transpose (the paper) | resize (bilinear + conv, no "
+                        "checkerboard)")
+    ndf: int = opt(64, "discriminator width")
     # objective
-    gan_loss: str = "lsgan"  # lsgan (least squares) | bce (binary cross-entropy on logits)
-    pool_size: int = 50  # fakes kept for the discriminators; 0 disables the pool
-    lambda_cycle: float = 10.0
-    lambda_identity: float = 0.5  # multiplied by lambda_cycle, as in the reference code
-    lambda_nce: float = 0.0  # CUT's PatchNCE weight; 0 picks the paper's: 1 for cut, 10 for fastcut
-    num_patches: int = 256  # patches per layer in PatchNCE
-    nce_t: float = 0.07  # PatchNCE temperature
+    gan_loss: str = opt("lsgan", "lsgan (least squares) | bce (binary cross-entropy on logits)")
+    pool_size: int = opt(50, "fakes kept for the discriminators (CycleGAN's image pool; 0: off)")
+    lambda_cycle: float = opt(10.0, "cycle-consistency weight")
+    lambda_identity: float = opt(0.5, "identity weight, multiplied by lambda_cycle as in the reference code")
+    lambda_nce: float = opt(0.0, "PatchNCE weight (0: the paper's, 1 for cut, 10 for fastcut)")
+    num_patches: int = opt(256, "patches per layer in PatchNCE")
+    nce_t: float = opt(0.07, "PatchNCE temperature")
     # recipe tools (off in the faithful presets)
-    diffaugment: str = ""  # DiffAugment policy for everything D sees, e.g. "color,translation,cutout"
-    ema: float = 0.0  # decay of an EMA copy of G used for validation and export (0: off), e.g. 0.999
-    lr_d_mult: float = 1.0  # discriminator learning rate = lr x this
+    diffaugment: str = opt("", "DiffAugment policy on everything D sees, real and fake, in D and G steps: any of "
+                           "color,translation,cutout (empty: off)")
+    ema: float = opt(0.0, "keep an exponential moving average of G with this decay (e.g. 0.999; 0: off); "
+                     "validation, samples and export use it")
+    lr_d_mult: float = opt(1.0, "discriminator learning rate = lr x this")
     # optimiser and schedule
-    lr: float = 2e-4  # for a global batch of 1; scaled by sqrt(global batch), see README
-    beta1: float = 0.5
-    beta2: float = 0.999
-    decay: str = "linear"  # linear: constant for the first half, then linearly to zero | none
+    lr: float = opt(2e-4, "Adam learning rate for a global batch of 1; scaled by sqrt(global batch), see README")
+    beta1: float = opt(0.5, "Adam beta1")
+    beta2: float = opt(0.999, "Adam beta2")
+    decay: str = opt("linear", "linear (constant for the first half, then linearly to zero) | none")
     # data
-    load_size: int = 286  # resize to this square before cropping; 0 keeps the image's own size
-    image_size: int = 256  # the random crop fed to the networks
-    flip: bool = True
-    batch_size: int = 1  # per process
-    num_workers: int = 4
+    load_size: int = opt(286, "resize to this square before cropping (0: keep the image's own size)")
+    image_size: int = opt(256, "the random crop fed to the networks")
+    flip: bool = opt(True, "random horizontal flips (true/false)")
+    batch_size: int = opt(1, "images per step per process")
+    num_workers: int = opt(4, "data loading processes")
     # length: `steps` wins when > 0, else epochs x steps_per_epoch (0 = one pass over the photos)
-    epochs: int = 200
-    steps_per_epoch: int = 0
-    steps: int = 0
-    seed: int = 0
+    epochs: int = opt(200, "number of epochs")
+    steps_per_epoch: int = opt(0, "steps per epoch (0: one pass over the photos)")
+    steps: int = opt(0, "total steps (overrides epochs)")
+    seed: int = opt(0, "random seed")
     # speed
-    precision: str = "auto"  # auto (bf16 where the hardware does it natively) | fp32 | bf16 | fp16
-    compile: bool = False
+    precision: str = opt("auto", "auto (bf16 where the hardware does it natively, else fp32 on CPU, fp16 on "
+                         "CUDA) | fp32 | bf16 | fp16")
+    compile: bool = opt(False, "torch.compile the networks (true/false)")
     # validation: KID of G(validation photos) against the paintings every eval_every steps
-    eval_every: int = 500  # 0: no validation
-    val_photos: str = ""  # folder of validation photos; empty: hold out val_fraction of --photos
-    val_fraction: float = 0.0  # 0: hold out min(200, 10%) of the photos
+    eval_every: int = opt(500, "steps between validations: KID of G(validation photos) vs the paintings, logged "
+                          "and used to keep RUN_DIR/best.safetensors (0: off; needs the eval extra)")
+    val_photos: str = opt("", "folder of validation photos (default: hold out --val-fraction of --photos)")
+    val_fraction: float = opt(0.0, "share of --photos held out for validation (0: min(200 photos, 10%%))")
     # bookkeeping
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    samples: int = 4  # fixed photos in the per-epoch sample grid
+    log_every: int = opt(50, "steps between log lines")
+    checkpoint_every: int = opt(1000, "steps between checkpoints")
+    keep_checkpoints: int = opt(3, "checkpoints to keep")
+    samples: int = opt(4, "fixed photos in the per-epoch sample grid")
 
     def __post_init__(self):
         if self.lambda_nce == 0.0 and self.model in ("cut", "fastcut"):
@@ -68,8 +99,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        """A configuration from ``asdict`` output, or from a config.json written before the run options
+        joined the dataclass (its folders sat under a "folders" key)."""
+        data = {**data, **data.get("folders", {})}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.steps if self.steps > 0 else self.epochs * steps_per_epoch
+
+
+RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["run"])
 
 
 PRESETS: dict[str, dict] = {
@@ -103,3 +143,118 @@ def generator_settings(cfg: TrainConfig) -> dict:
     if cfg.generator == "resnet":
         return {"ngf": cfg.ngf, "n_blocks": cfg.n_blocks, "upsample": cfg.upsample}
     return {"ngf": cfg.ngf}
+
+
+class ConfigError(ValueError):
+    """A problem with the options or the run folder; the message says what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m training.fit`'s options: one per TrainConfig field, with the field's help. Recipe values
+    default to the preset's; every flag overrides them."""
+    import training.fit
+
+    p = argparse.ArgumentParser(
+        prog="python -m training.fit", description=training.fit.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every preset value can be overridden by its flag; the resolved configuration is written to "
+        "RUN_DIR/config.json and stored in every checkpoint.")
+    recipe = p.add_argument_group("recipe (default: the preset's)")
+    for f in dataclasses.fields(TrainConfig):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        group = p if meta["run"] or f.name in ("photos", "paintings", "preset") else recipe
+        if meta["switch"]:
+            group.add_argument(flag, dest=f.name, action="store_true", default=None, help=meta["help"])
+        elif f.name == "preset":
+            group.add_argument(flag, dest=f.name, choices=list(PRESETS), default="cyclegan", help=meta["help"])
+        else:
+            kind = {bool: _bool, int: int, float: float, str: str}[type(f.default)]
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=meta["help"],
+                               required=f.name == "out")
+    return p
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """The run's configuration: a new run's preset with the flags applied, or a resumed run's config.json
+    with the flags applied (its invocation options from the flags only). Raises ConfigError."""
+    from training.checkpoint import list_checkpoints
+
+    args = vars(build_parser().parse_args(argv))
+    given = {k: v for k, v in args.items() if v is not None and k != "preset"}
+    out = Path(given["out"])
+    if given.get("resume_if_present"):  # a run that never checkpointed has nothing to lose: start it again
+        given["resume"] = bool(list_checkpoints(out))
+    if given.get("resume"):
+        config_file = out / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"nothing to resume: {out} holds no run (no config.json)")
+        try:
+            saved = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"{config_file} is damaged; restore it or start a new run with another --out") from None
+        saved = {k: v for k, v in TrainConfig.from_dict(saved).__dict__.items() if k not in RUN_OPTIONS}
+        for name in ("photos", "paintings"):
+            if given.get(name) and saved.get(name) and Path(given[name]).resolve() != Path(saved[name]):
+                print(f"note: --{name} {given[name]} differs from the run's {saved[name]}; using {given[name]}",
+                      flush=True)
+        cfg = TrainConfig.from_dict(saved | given)
+    else:
+        if not given.get("resume_if_present") and ((out / "config.json").exists() or (out / "checkpoints").exists()):
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        cfg = preset_config(args["preset"], **given)
+    for name in ("photos", "paintings"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"--{name} is required" + (" (the run folder does not name it)" if cfg.resume else ""))
+        setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
+    check_config(cfg)
+    return cfg
+
+
+MODELS = ("cyclegan", "cut", "fastcut")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the first option that cannot work."""
+    from training.augment import parse_policy
+
+    if cfg.model not in MODELS:
+        raise ConfigError(f"--model must be one of {', '.join(MODELS)}, not {cfg.model!r}")
+    if cfg.model != "cyclegan" and cfg.generator != "resnet":
+        raise ConfigError(f"--model {cfg.model} takes its features from the resnet generator; use --generator resnet")
+    try:
+        parse_policy(cfg.diffaugment)
+    except ValueError as exc:
+        raise ConfigError(f"--diffaugment: {exc}") from None
+    if not 0.0 <= cfg.ema < 1.0 or cfg.lr_d_mult <= 0 or cfg.nce_t <= 0 or cfg.lambda_nce < 0:
+        raise ConfigError("--ema must be in [0, 1); --lr-d-mult and --nce-t positive; --lambda-nce not negative")
+    if cfg.eval_every < 0 or not 0.0 <= cfg.val_fraction <= 0.5 or cfg.num_patches < 1:
+        raise ConfigError("--eval-every must not be negative, --val-fraction in [0, 0.5], --num-patches at least 1")
+    if cfg.generator not in ("resnet", "unet"):
+        raise ConfigError(f"--generator must be resnet or unet, not {cfg.generator!r}")
+    if cfg.upsample not in ("transpose", "resize"):
+        raise ConfigError(f"--upsample must be transpose or resize, not {cfg.upsample!r}")
+    if cfg.generator == "unet" and cfg.image_size % 256:
+        raise ConfigError(f"the unet generator needs --image-size a multiple of 256, not {cfg.image_size}")
+    if cfg.generator == "resnet" and cfg.image_size % 4:
+        raise ConfigError(f"the resnet generator needs --image-size a multiple of 4, not {cfg.image_size}")
+    if cfg.image_size < 16:
+        raise ConfigError(f"--image-size must be at least 16, not {cfg.image_size}")
+    if cfg.lr <= 0 or cfg.lambda_cycle < 0 or cfg.lambda_identity < 0 or cfg.pool_size < 0 or cfg.steps < 0:
+        raise ConfigError("--lr must be positive; --lambda-*, --pool-size and --steps must not be negative")
+    if cfg.load_size and cfg.load_size < cfg.image_size:
+        raise ConfigError(f"--load-size {cfg.load_size} is smaller than --image-size {cfg.image_size}")
+    if cfg.decay not in ("linear", "none") or cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError("--decay must be linear|none and --precision auto|fp32|bf16|fp16")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
+    for name in ("batch_size", "log_every", "checkpoint_every", "ngf", "ndf", "n_blocks", "epochs"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.networks import PatchDiscriminator, ResnetGenerator, build_generator, init_weights
+from training.augment import DiffAugment
 from training.config import TrainConfig, generator_settings
-from training.trainer import Trainer
+from training.parts import GANLoss, Networks, sample_grid
 
 
 def nce_layers(generator: ResnetGenerator) -> list[int]:
@@ -110,44 +111,47 @@ class CUTGenerator(nn.Module):
                 "nce": torch.stack(losses).mean()}
 
 
-class CUTTrainer(Trainer):
+class CUT:
     """One generator, one PatchGAN discriminator, PatchNCE. ``step`` does one CUT/FastCUT update."""
 
     loss_names = ("G_gan", "nce", "D_monet")
 
     def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1,
                  local_rank: int | None = None):
-        super().__init__(cfg, device, total_steps, world_size, local_rank)
-        self.setup(CUTGenerator(cfg), init_weights(PatchDiscriminator(ndf=cfg.ndf)))
+        self.cfg = cfg
+        self.nets = Networks(CUTGenerator(cfg), init_weights(PatchDiscriminator(ndf=cfg.ndf)), cfg, device,
+                             total_steps, world_size, local_rank)
+        self.gan, self.augment = GANLoss(cfg.gan_loss), DiffAugment(cfg.diffaugment)
 
     def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
-        gan, aug = self.gan_loss, self.augment
+        """One update of G (and its MLP heads), then of D. Returns the detached losses [G_gan, nce, D_monet]
+        as one tensor on the device (no host sync)."""
+        nets, gan, aug = self.nets, self.gan, self.augment
         n = photo.shape[0]
-        self.discs.requires_grad_(False)
-        self.opt_G.zero_grad(set_to_none=True)
-        with self.autocast():
-            out = self.gens_run(photo, monet)
-            loss_gan = gan(self.discs_plain(aug(out["fake_monet"])), True)
+        nets.discs.requires_grad_(False)  # D's weight gradients are never computed in G's update
+        nets.opt_G.zero_grad(set_to_none=True)
+        with nets.autocast():
+            out = nets.gens_run(photo, monet)
+            loss_gan = gan(nets.discs(aug(out["fake_monet"])), True)
             loss_nce = out["nce"] * self.cfg.lambda_nce
-            loss_G = loss_gan + loss_nce
-        self.scaler.scale(loss_G).backward()
-        self.scaler.step(self.opt_G)
-        self.discs.requires_grad_(True)
-        self.opt_D.zero_grad(set_to_none=True)
-        with self.autocast():
-            d = self.discs_run(aug(torch.cat([monet, out["fake_monet"].detach().to(monet.dtype)])))
+        nets.update(loss_gan + loss_nce, nets.opt_G)
+        nets.discs.requires_grad_(True)
+        nets.opt_D.zero_grad(set_to_none=True)
+        with nets.autocast():
+            d = nets.discs_run(aug(torch.cat([monet, out["fake_monet"].detach().to(monet.dtype)])))
             loss_D = 0.5 * (gan(d[:n], True) + gan(d[n:], False))
-        self.scaler.scale(loss_D).backward()
-        self.scaler.step(self.opt_D)
-        self.finish_step()
+        nets.update(loss_D, nets.opt_D)
+        nets.finish_step()
         return torch.stack([loss_gan, loss_nce, loss_D]).detach().float()
+
+    def state_dict(self) -> dict:
+        return self.nets.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nets.load_state_dict(state)
 
     @torch.no_grad()
     def sample_grid(self, photos: torch.Tensor) -> torch.Tensor:
         """Rows of photo | Monet-fied, as a [0, 1] image tensor."""
-        from torchvision.utils import make_grid
-
-        x = self.to_input(photos)
-        fake = self.generator()(x)
-        rows = torch.stack([x, fake.float()], dim=1).flatten(0, 1)
-        return make_grid(rows.cpu(), nrow=2, normalize=True, value_range=(-1, 1), padding=2)
+        x = self.nets.to_input(photos)
+        return sample_grid([x, self.nets.generator()(x)])

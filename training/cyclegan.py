@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from model.networks import PatchDiscriminator, build_generator, init_weights
+from training.augment import DiffAugment
 from training.config import TrainConfig, generator_settings
-from training.trainer import GANLoss, Trainer
+from training.parts import GANLoss, Networks, sample_grid
 
-__all__ = ["CycleGANTrainer", "Discriminators", "GANLoss", "Generators", "ImagePool"]
+__all__ = ["CycleGAN", "Discriminators", "GANLoss", "Generators", "ImagePool"]
 
 
 class Generators(nn.Module):
@@ -91,70 +92,67 @@ class ImagePool:
         self.rng.set_state(state["rng"])
 
 
-class CycleGANTrainer(Trainer):
+class CycleGAN:
     """Both generators, both discriminators and their pools; ``step`` does one CycleGAN update."""
 
     loss_names = ("G_gan", "cycle", "identity", "D_photo", "D_monet")
 
     def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1,
                  local_rank: int | None = None):
-        super().__init__(cfg, device, total_steps, world_size, local_rank)
-        self.setup(Generators(cfg), Discriminators(cfg))
+        self.cfg = cfg
+        self.nets = Networks(Generators(cfg), Discriminators(cfg), cfg, device, total_steps, world_size, local_rank)
+        self.gan, self.augment = GANLoss(cfg.gan_loss), DiffAugment(cfg.diffaugment)
         self.pool_photo = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 1)
         self.pool_monet = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 2)
 
     def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
         """One update of both generators, then both discriminators. Returns the detached losses
         [G_gan, cycle, identity, D_photo, D_monet] as one tensor on the device (no host sync)."""
-        cfg, gan, l1, aug = self.cfg, self.gan_loss, torch.nn.functional.l1_loss, self.augment
+        cfg, nets, gan, l1, aug = self.cfg, self.nets, self.gan, torch.nn.functional.l1_loss, self.augment
         n = photo.shape[0]
         # generators: D's parameters are frozen so its weight gradients are never computed
-        self.discs.requires_grad_(False)
-        self.opt_G.zero_grad(set_to_none=True)
-        with self.autocast():
-            out = self.gens_run(photo, monet)
-            d_photo, d_monet = self.discs_plain(aug(out["fake_photo"]), aug(out["fake_monet"]))
+        nets.discs.requires_grad_(False)
+        nets.opt_G.zero_grad(set_to_none=True)
+        with nets.autocast():
+            out = nets.gens_run(photo, monet)
+            d_photo, d_monet = nets.discs(aug(out["fake_photo"]), aug(out["fake_monet"]))
             loss_gan = gan(d_monet, True) + gan(d_photo, True)
             loss_cycle = (l1(out["rec_photo"].float(), photo) + l1(out["rec_monet"].float(), monet)) * cfg.lambda_cycle
             if out["idt_monet"] is not None:
                 loss_idt = (l1(out["idt_monet"].float(), monet) + l1(out["idt_photo"].float(), photo)) * (
                     cfg.lambda_cycle * cfg.lambda_identity)
             else:
-                loss_idt = torch.zeros((), device=self.device)
-            loss_G = loss_gan + loss_cycle + loss_idt
-        self.scaler.scale(loss_G).backward()
-        self.scaler.step(self.opt_G)
+                loss_idt = torch.zeros((), device=nets.device)
+        nets.update(loss_gan + loss_cycle + loss_idt, nets.opt_G)
         # discriminators: real against (pooled) fake, one batched forward for both
-        self.discs.requires_grad_(True)
+        nets.discs.requires_grad_(True)
         fake_photo = self.pool_photo.query(out["fake_photo"].detach())
         fake_monet = self.pool_monet.query(out["fake_monet"].detach())
-        self.opt_D.zero_grad(set_to_none=True)
-        with self.autocast():
-            d_photo, d_monet = self.discs_run(aug(torch.cat([photo, fake_photo.to(photo.dtype)])),
+        nets.opt_D.zero_grad(set_to_none=True)
+        with nets.autocast():
+            d_photo, d_monet = nets.discs_run(aug(torch.cat([photo, fake_photo.to(photo.dtype)])),
                                               aug(torch.cat([monet, fake_monet.to(monet.dtype)])))
             loss_D_photo = 0.5 * (gan(d_photo[:n], True) + gan(d_photo[n:], False))
             loss_D_monet = 0.5 * (gan(d_monet[:n], True) + gan(d_monet[n:], False))
-        self.scaler.scale(loss_D_photo + loss_D_monet).backward()
-        self.scaler.step(self.opt_D)
-        self.finish_step()
+        nets.update(loss_D_photo + loss_D_monet, nets.opt_D)
+        nets.finish_step()
         return torch.stack([loss_gan, loss_cycle, loss_idt, loss_D_photo, loss_D_monet]).detach().float()
 
-    def extra_state(self) -> dict:
-        return {"pool_photo": self.pool_photo.state_dict(), "pool_monet": self.pool_monet.state_dict()}
+    def state_dict(self) -> dict:
+        return self.nets.state_dict() | {"pool_photo": self.pool_photo.state_dict(),
+                                         "pool_monet": self.pool_monet.state_dict()}
 
-    def load_extra_state(self, state: dict) -> None:
-        self.pool_photo.load_state_dict(state["pool_photo"], self.device)
-        self.pool_monet.load_state_dict(state["pool_monet"], self.device)
+    def load_state_dict(self, state: dict) -> None:
+        self.nets.load_state_dict(state)
+        self.pool_photo.load_state_dict(state["pool_photo"], self.nets.device)
+        self.pool_monet.load_state_dict(state["pool_monet"], self.nets.device)
 
     @torch.no_grad()
     def sample_grid(self, photos: torch.Tensor) -> torch.Tensor:
         """Rows of photo | Monet-fied | reconstructed photo, as a [0, 1] image tensor."""
-        from torchvision.utils import make_grid
-
-        self.gens.eval()
-        x = self.to_input(photos)
-        fake = self.generator()(x)
-        rec = self.gens.F(fake)
-        self.gens.train()
-        rows = torch.stack([x, fake.float(), rec.float()], dim=1).flatten(0, 1)
-        return make_grid(rows.cpu(), nrow=3, normalize=True, value_range=(-1, 1), padding=2)
+        self.nets.gens.eval()
+        x = self.nets.to_input(photos)
+        fake = self.nets.generator()(x)
+        rec = self.nets.gens.F(fake)
+        self.nets.gens.train()
+        return sample_grid([x, fake, rec])

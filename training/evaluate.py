@@ -25,6 +25,7 @@ from PIL import Image
 
 from model.images import to_rgb
 from model.weights import WeightsError
+from model.runtime import resolve_device
 from training.data import DataError, scan_folder
 
 
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             photos = photos[: args.limit]
         if len(photos) < 2 or len(paintings) < 2:
             raise DataError("need at least 2 photos and 2 paintings to score")
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+        device = resolve_device(args.device).type
         if args.weights is not None and args.baseline:
             raise DataError("--weights and --baseline are two different things to score; give one of them")
         if args.baseline:

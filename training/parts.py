@@ -1,9 +1,9 @@
-"""What every objective's trainer shares: optimisers and their schedule, mixed precision, the input
-conversion, DiffAugment, the EMA generator, and the checkpoint state built from those pieces.
+"""What the objectives share, as parts they compose (no base class): the GAN loss, and ``Networks``, which
+holds a generator module and a discriminator module with their optimisers, schedules, mixed precision,
+EMA copy, DDP/compile wrappers and step counter, and writes and reads them as checkpoint state.
 
-An objective (``training.cyclegan.CycleGANTrainer``, ``training.cut.CUTTrainer``) builds ``self.gens``
-(a module whose ``G`` is the photo->Monet generator) and ``self.discs``, then calls ``setup``; its
-``step`` does one update and returns its losses as one detached tensor (no host sync).
+An objective (training.cyclegan.CycleGAN, training.cut.CUT) builds its two modules, hands them to
+``Networks``, and does its update in its own ``step``.
 """
 from __future__ import annotations
 
@@ -16,15 +16,9 @@ import torch.nn.functional as F_
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.runtime import autocast_dtype as _autocast_dtype
-from training.augment import DiffAugment
+from model.runtime import autocast_dtype
 from training.config import TrainConfig
 from training.ema import EMA
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``cfg.precision`` on ``device``; None means plain fp32."""
-    return _autocast_dtype(device, cfg.precision)
 
 
 class GANLoss(nn.Module):
@@ -44,72 +38,73 @@ class GANLoss(nn.Module):
         return F_.binary_cross_entropy_with_logits(logits, target)
 
 
-class Trainer:
-    """The shared half of a trainer. Subclasses set ``loss_names`` and implement ``step``."""
+def lr_factor(total_steps: int, decay: str):
+    """The schedule: constant, then (``decay="linear"``) linearly to zero over the second half."""
+    decay_from = total_steps // 2 if decay == "linear" else total_steps
 
-    loss_names: tuple[str, ...] = ()
+    def factor(step: int) -> float:
+        if step < decay_from:
+            return 1.0
+        return max(0.0, 1.0 - (step - decay_from) / max(1, total_steps - decay_from))
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1,
-                 local_rank: int | None = None):
-        self.cfg, self.device, self.total_steps = cfg, device, total_steps
-        self.world_size, self.local_rank = world_size, local_rank
-        self.gan_loss = GANLoss(cfg.gan_loss)
-        self.augment = DiffAugment(cfg.diffaugment)
-        self.amp_dtype = autocast_dtype(cfg, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.step_count = 0
+    return factor
 
-    def setup(self, gens: nn.Module, discs: nn.Module) -> None:
-        """Move the networks, build optimisers, schedules, the EMA copy and the DDP/compile wrappers."""
-        cfg, device = self.cfg, self.device
+
+class Networks:
+    """``gens`` (a module whose ``G`` is the photo->Monet generator) and ``discs``, ready to train.
+
+    ``gens_run`` and ``discs_run`` are what the update calls (DDP wrappers when world_size > 1, the modules
+    themselves otherwise); with ``cfg.compile`` the modules are compiled in place. A generator update uses
+    ``discs`` itself, frozen, so DDP never waits for gradients that are not computed.
+    """
+
+    def __init__(self, gens: nn.Module, discs: nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int,
+                 world_size: int = 1, local_rank: int | None = None):
+        self.cfg, self.device = cfg, device
         self.gens, self.discs = gens.to(device), discs.to(device)
         if device.type == "cuda":
             self.gens.to(memory_format=torch.channels_last)
             self.discs.to(memory_format=torch.channels_last)
         # lr for a global batch of 1, scaled by sqrt(global batch) (Adam-friendly rule, README)
-        lr = cfg.lr * math.sqrt(cfg.batch_size * self.world_size)
+        lr = cfg.lr * math.sqrt(cfg.batch_size * world_size)
         fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.opt_G = torch.optim.Adam(self.gens.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), **fused)
-        self.opt_D = torch.optim.Adam(self.discs.parameters(), lr=lr * cfg.lr_d_mult, betas=(cfg.beta1, cfg.beta2),
-                                      **fused)
-        decay_from = self.total_steps // 2 if cfg.decay == "linear" else self.total_steps
-        total = self.total_steps
-
-        def factor(step: int) -> float:
-            if step < decay_from:
-                return 1.0
-            return max(0.0, 1.0 - (step - decay_from) / max(1, total - decay_from))
-
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_G = torch.optim.Adam(self.gens.parameters(), lr=lr, betas=betas, **fused)
+        self.opt_D = torch.optim.Adam(self.discs.parameters(), lr=lr * cfg.lr_d_mult, betas=betas, **fused)
+        factor = lr_factor(total_steps, cfg.decay)
         self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, factor)
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, factor)
+        self.dtype = autocast_dtype(device, cfg.precision)  # None: plain fp32
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.ema = EMA(self.gens.G, cfg.ema) if cfg.ema > 0 else None
-        # what runs the forward passes: DDP and/or torch.compile wrappers around the same modules
+        if cfg.compile:
+            self.gens.compile()
+            self.discs.compile()
         self.gens_run, self.discs_run = self.gens, self.discs
-        if self.world_size > 1:
-            ids = [self.local_rank] if device.type == "cuda" else None
+        if world_size > 1:
+            ids = [local_rank] if device.type == "cuda" else None
             self.gens_run = DDP(self.gens, device_ids=ids, broadcast_buffers=False)
             self.discs_run = DDP(self.discs, device_ids=ids, broadcast_buffers=False)
-        if cfg.compile:
-            self.gens_run = torch.compile(self.gens_run)
-            self.discs_run = torch.compile(self.discs_run)
-            self.discs_plain = torch.compile(self.discs)
-        else:
-            self.discs_plain = self.discs
+        self.step = 0
 
-    # -- helpers for ``step`` ------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return self.sched_G.get_last_lr()[0]
+
     def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW from the loader -> float in [-1, 1] on the device."""
-        return self.to_input_float(images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0))
-
-    def to_input_float(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images already in [-1, 1] -> the device and memory layout the step wants."""
+        """uint8 NCHW from the loader -> float in [-1, 1] on the device, in the layout the update wants."""
         x = images.to(self.device, non_blocking=True)
+        if not x.is_floating_point():
+            x = x.float().div_(127.5).sub_(1.0)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def update(self, loss: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+        """Backward ``loss`` (scaled in fp16) and step ``optimiser``."""
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimiser)
 
     def finish_step(self) -> None:
         """Scaler, schedules, EMA and the step counter, after both optimisers stepped."""
@@ -118,22 +113,15 @@ class Trainer:
         self.sched_D.step()
         if self.ema is not None:
             self.ema.update(self.gens.G)
-        self.step_count += 1
+        self.step += 1
 
     def generator(self) -> nn.Module:
         """The photo->Monet generator that validation and export use: the EMA copy when there is one."""
         return self.ema.module if self.ema is not None else self.gens.G
 
-    # -- checkpoint state --------------------------------------------------------------------
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
     def state_dict(self) -> dict:
         state = {
-            "step": self.step_count,
+            "step": self.step,
             "config": dataclasses.asdict(self.cfg),
             "generators": self.gens.state_dict(),
             "discriminators": self.discs.state_dict(),
@@ -141,7 +129,7 @@ class Trainer:
             "sched_G": self.sched_G.state_dict(), "sched_D": self.sched_D.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
-        } | self.extra_state()
+        }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.device.type == "cuda":
@@ -161,8 +149,17 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
             else:  # EMA switched on for a resumed run: start the average from the current weights
                 self.ema = EMA(self.gens.G, self.cfg.ema)
-        self.load_extra_state(state)
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.step_count = int(state["step"])
+        self.step = int(state["step"])
+
+
+@torch.no_grad()
+def sample_grid(columns: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of images side by side (e.g. photo | painting), each column a [-1, 1] NCHW batch, as one
+    [0, 1] image tensor."""
+    from torchvision.utils import make_grid
+
+    rows = torch.stack([c.float() for c in columns], dim=1).flatten(0, 1)
+    return make_grid(rows.cpu(), nrow=len(columns), normalize=True, value_range=(-1, 1), padding=2)
