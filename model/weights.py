@@ -99,11 +99,27 @@ def save_generator(
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
+def pickle_kind(path: str | os.PathLike) -> str | None:
+    """"zip" or "pickle" when the file is a PyTorch checkpoint (torch.save's zip archive, or a legacy raw
+    pickle), read from its first bytes only; None otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle protocol 2-5
+        return "pickle"
+    return None
+
+
 def read_info(path: str | os.PathLike) -> tuple[GeneratorInfo, dict[str, torch.Tensor]]:
     """Read a weight file's description and tensors. Raises WeightsError with a one-line message."""
     name = str(path)
     if not Path(path).is_file():
         raise WeightsError(f"weights file {name} not found")
+    if pickle_kind(path) is not None:  # never unpickled: say what it is and what to do
+        raise WeightsError(f"{name} is not a readable safetensors file: it is a PyTorch pickle checkpoint, and "
+                           "pickles are never loaded. Export a training checkpoint of this project with "
+                           "`python -m training.export CHECKPOINT OUT.safetensors`")
     try:
         with safe_open(name, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -60,6 +61,7 @@ def test_garbage_and_pickle_files_are_refused(tmp_path):
     pickled = tmp_path / "model.pt"
     torch.save(small_generator().state_dict(), pickled)
     assert "not a readable safetensors file" in one_line_error(pickled)
+    assert "PyTorch pickle checkpoint" in one_line_error(pickled) and "training.export" in one_line_error(pickled)
 
 
 def test_safetensors_without_our_metadata(tmp_path):
@@ -102,3 +104,31 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     save_generator(path, small_generator(seed=1))  # overwrite in place
     assert sorted(p.name for p in path.parent.iterdir()) == ["g.safetensors"]
     assert path.stat().st_mode & 0o044, "written with the usual permissions, not mkstemp's 0600"
+
+
+def test_a_pickle_given_as_weights_gets_the_same_message_from_the_cli_and_the_service(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.main import create_app
+    from tests.conftest import run_module
+
+    pickled = tmp_path / "latest_net_G.pth"
+    torch.save(small_generator().state_dict(), pickled)
+    (tmp_path / "in").mkdir()
+    small = tmp_path / "in" / "p.png"
+    from tests.conftest import photo
+
+    photo(16, 16).save(small)
+    cli = run_module("model.translate", str(small), "--out", str(tmp_path / "out"), "--weights", str(pickled))
+    lines = cli.stderr.strip().splitlines()
+    assert cli.returncode == 2 and len(lines) == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert "PyTorch pickle checkpoint" in lines[0] and "training.export" in lines[0]
+    app = create_app(Settings(weights=pickled, device="cpu", ui=False))
+    with TestClient(app) as client:
+        deadline = time.time() + 30
+        while (answer := client.get("/readyz")).headers.get("retry-after") == "5":  # still loading
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert answer.status_code == 503 and "retry-after" not in answer.headers  # permanent
+        assert lines[0].removeprefix("error: ") in answer.json()["detail"]  # the same words
