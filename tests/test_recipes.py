@@ -233,5 +233,6 @@ def test_faithful_presets_keep_the_recipe_tools_off():
     for name in ("cyclegan", "kaggle"):
         cfg = preset_config(name)
         assert (cfg.model, cfg.diffaugment, cfg.ema, cfg.lr_d_mult) == ("cyclegan", "", 0.0, 1.0), name
+        assert cfg.discriminator == "patch", name  # no pretrained features in the faithful recipes
     cpu = preset_config("cpu")
     assert cpu.model == "fastcut" and cpu.lambda_nce == 10.0 and cpu.diffaugment and cpu.ema == 0.999

@@ -45,6 +45,9 @@ class TrainConfig:
     upsample: str = opt("transpose", "resnet upsampling: transpose (the paper) | resize (bilinear + conv, no "
                         "checkerboard)")
     ndf: int = opt(64, "discriminator width")
+    discriminator: str = opt("patch", "patch (the 70x70 PatchGAN) | projected (trainable heads on frozen ImageNet "
+                             "EfficientNet-Lite0 features, training/projected.py; cut and fastcut; needs the train "
+                             "extra)")
     # objective
     gan_loss: str = opt("lsgan", "lsgan (least squares) | bce (binary cross-entropy on logits)")
     pool_size: int = opt(50, "fakes kept for the discriminators (CycleGAN's image pool; 0: off)")
@@ -237,6 +240,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("--ema must be in [0, 1); --lr-d-mult and --nce-t positive; --lambda-nce not negative")
     if cfg.eval_every < 0 or not 0.0 <= cfg.val_fraction <= 0.5 or cfg.num_patches < 1:
         raise ConfigError("--eval-every must not be negative, --val-fraction in [0, 0.5], --num-patches at least 1")
+    if cfg.discriminator not in ("patch", "projected"):
+        raise ConfigError(f"--discriminator must be patch or projected, not {cfg.discriminator!r}")
+    if cfg.discriminator == "projected" and cfg.model == "cyclegan":
+        raise ConfigError("--discriminator projected works with --model cut or fastcut")
     if cfg.generator not in ("resnet", "unet"):
         raise ConfigError(f"--generator must be resnet or unet, not {cfg.generator!r}")
     if cfg.upsample not in ("transpose", "resize"):

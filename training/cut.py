@@ -111,6 +111,15 @@ class CUTGenerator(nn.Module):
                 "nce": torch.stack(losses).mean()}
 
 
+def discriminator(cfg: TrainConfig) -> nn.Module:
+    """The 70x70 PatchGAN, or with ``cfg.discriminator == "projected"`` heads on frozen pretrained features."""
+    if cfg.discriminator == "projected":
+        from training.projected import ProjectedDiscriminator
+
+        return ProjectedDiscriminator(ndf=cfg.ndf, seed=cfg.seed)
+    return init_weights(PatchDiscriminator(ndf=cfg.ndf))
+
+
 class CUT:
     """One generator, one PatchGAN discriminator, PatchNCE. ``step`` does one CUT/FastCUT update."""
 
@@ -119,8 +128,7 @@ class CUT:
     def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1,
                  local_rank: int | None = None):
         self.cfg = cfg
-        self.nets = Networks(CUTGenerator(cfg), init_weights(PatchDiscriminator(ndf=cfg.ndf)), cfg, device,
-                             total_steps, world_size, local_rank)
+        self.nets = Networks(CUTGenerator(cfg), discriminator(cfg), cfg, device, total_steps, world_size, local_rank)
         self.gan, self.augment = GANLoss(cfg.gan_loss), DiffAugment(cfg.diffaugment)
 
     def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,8 @@ class Networks:
         fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
         betas = (cfg.beta1, cfg.beta2)
         self.opt_G = torch.optim.Adam(self.gens.parameters(), lr=lr, betas=betas, **fused)
-        self.opt_D = torch.optim.Adam(self.discs.parameters(), lr=lr * cfg.lr_d_mult, betas=betas, **fused)
+        trainable = [p for p in self.discs.parameters() if p.requires_grad]  # not a frozen feature network
+        self.opt_D = torch.optim.Adam(trainable, lr=lr * cfg.lr_d_mult, betas=betas, **fused)
         factor = lr_factor(total_steps, cfg.decay)
         self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, factor)
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, factor)
