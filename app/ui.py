@@ -51,7 +51,9 @@ CSS = """
 """
 
 
-def build_ui(service: PaintingService) -> gr.Blocks:
+def ui_painter(service: PaintingService):
+    """The UI's paint event: the uploaded file through ``service.paint``, the result written for the slider
+    and the download; a refusal becomes a toast and one log line."""
     ttl = service.settings.ui_cache_ttl_s
 
     async def paint(upload: dict | None, strength: float | None = 100):
@@ -76,6 +78,13 @@ def build_ui(service: PaintingService) -> gr.Blocks:
             f.write(painting.data)
         # the painting goes to the slider as the file just written: no second decode and re-encode
         return (Image.fromarray(painting.source, "RGB"), name), name
+
+    return paint
+
+
+def build_ui(service: PaintingService) -> gr.Blocks:
+    ttl = service.settings.ui_cache_ttl_s
+    paint = ui_painter(service)
 
     # Gradio deletes its copies of uploads and results older than ttl, checking every ttl/2 seconds
     with gr.Blocks(title="Monet-style photos", analytics_enabled=False,

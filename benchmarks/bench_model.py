@@ -1,6 +1,6 @@
 """Generator speed at 256x256, end to end (PIL in, PIL out), beside the reference generator, in one run.
 
-    python benchmarks/bench_model.py [--device auto|cpu|cuda] [--seconds 5] [--weights FILE] [--runtimes]
+    python -m benchmarks.bench_model [--device auto|cpu|cuda] [--seconds 5] [--weights FILE] [--runtimes]
 
 1. End to end, 1 image at a time and 8 at a time: the reference generator (ResNet-9, ngf 64, eager fp32,
    torch's default threads, the first script everyone writes: PIL -> tensor -> forward -> PIL, its 8 images
@@ -32,15 +32,14 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from model.backends import openvino_available  # noqa: E402
-from model.runtime import cpu_cores  # noqa: E402
-from model.networks import ResnetGenerator, for_inference, init_weights  # noqa: E402
-from model.runtime import resolve_device  # noqa: E402
-from model.translator import Translator  # noqa: E402
-from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS  # noqa: E402
-from model.weights import load_generator  # noqa: E402
+from model.backends import openvino_available
+from model.runtime import cpu_cores
+from model.networks import ResnetGenerator, for_inference, init_weights
+from model.runtime import resolve_device
+from model.translator import Translator
+from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS
+from model.weights import load_generator
 
 
 E2E_BATCHES = (1, 8)

@@ -1,7 +1,7 @@
 """Throughput and latency through HAProxy (deploy/haproxy/haproxy.cfg) with 1, 2 and 3 replicas, beside one
 replica reached directly (the balancer's own overhead).
 
-    python benchmarks/bench_scaleout.py [--seconds 15] [--clients 8] [--replicas 1,2,3] [--size 256]
+    python -m benchmarks.bench_scaleout [--seconds 15] [--clients 8] [--replicas 1,2,3] [--size 256]
 
 Each replica is a real `python -m app` process with the shipped weights; with N replicas each gets
 cores/N torch threads, as N pods would each get their share of a node. On a 2-core machine the aggregate
@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from serving import free_port, start_app, wait_ready  # benchmarks/serving.py
+from tools.serving import free_port, start_app, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"

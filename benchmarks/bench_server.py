@@ -1,7 +1,7 @@
 """The server beside its model: throughput with 8 clients as a share of the translator alone at its best batch
 size, at 256x256 and at 1024x768; latency at 1 client; and where a request's time goes (Server-Timing).
 
-    python benchmarks/bench_server.py [--clients 8] [--seconds 15] [--weights FILE] [--device auto] [--sizes 256x256,1024x768]
+    python -m benchmarks.bench_server [--clients 8] [--seconds 15] [--weights FILE] [--device auto] [--sizes 256x256,1024x768]
 
 On CUDA the defaults grow to 256 clients, batches of up to 64 and a ceiling measured on batches up to 128,
 and each server run also reports the GPU memory its process holds (nvidia-smi).
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,16 +28,15 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from serving import start_app  # benchmarks/serving.py
+from tools.serving import start_app
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from model.networks import ResnetGenerator, init_weights  # noqa: E402
-from model.runtime import resolve_device  # noqa: E402
-from model.translator import Translator  # noqa: E402
-from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS  # noqa: E402
-from model.weights import save_generator  # noqa: E402
+from model.networks import ResnetGenerator, init_weights
+from model.runtime import resolve_device
+from model.translator import Translator
+from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS
+from model.weights import save_generator
 
 
 def jpegs(n: int, photos: Path | None, size: tuple[int, int] = (256, 256)) -> list[bytes]:

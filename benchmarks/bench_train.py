@@ -1,6 +1,6 @@
 """Training throughput (images/s) of training.fit's step beside a plain baseline step, per preset.
 
-    python benchmarks/bench_train.py [--presets cyclegan,kaggle] [--device auto] [--steps 3] [--batch-sizes 1,4]
+    python -m benchmarks.bench_train [--presets cyclegan,kaggle] [--device auto] [--steps 3] [--batch-sizes 1,4]
 
 The baseline is the reference implementation's shape: the same networks and losses, eager fp32,
 batch 1, the six generator calls and four discriminator calls made one by one, no tuning.

@@ -14,6 +14,8 @@ from PIL import Image
 
 from model.networks import ResnetGenerator, init_weights
 from model.weights import save_generator
+from tools import serving
+from tools.serving import free_port, wait_ready  # noqa: F401 (the tests' names for them)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,51 +67,9 @@ def run_module(*args: str, timeout: float = 300, env: dict | None = None) -> sub
                           timeout=timeout, env=full_env)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m app` in a subprocess on a free loopback port, configured through MONET_* variables."""
+class Server(serving.Server):
+    """`python -m app` on ``weights`` (tools/serving.py), its log beside the weights for ``output()``."""
 
     def __init__(self, weights: Path, extra_env: dict | None = None, port: int | None = None, **settings):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MONET_WEIGHTS": str(weights), "MONET_PORT": str(self.port), "MONET_DEVICE": "cpu",
-               "PYTHONUNBUFFERED": "1"}
-        env.update({f"MONET_{k.upper()}": str(v) for k, v in settings.items()}, **(extra_env or {}))
-        self.log = open(weights.parent / f"server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120) -> "Server":
-        import time
-
-        import httpx
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("server not ready: " + self.output())
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-4000:]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        super().__init__({"MONET_WEIGHTS": str(weights), **(extra_env or {})}, port=port or free_port(),
+                         log=weights.parent / f"server-{port or 'auto'}-{id(self)}.log", **settings)

@@ -5,11 +5,10 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 
 import httpx
 
-from tests.conftest import ROOT, free_port, photo
+from tests.conftest import ROOT, free_port, photo, wait_ready
 
 TINY_FIT = ["--ngf", "8", "--n-blocks", "1", "--ndf", "8", "--image-size", "32", "--num-workers", "0",
             "--steps", "4", "--eval-every", "2", "--val-fraction", "0.3", "--log-every", "2", "--num-patches", "16"]
@@ -23,17 +22,10 @@ def section_commands() -> list[str]:
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> httpx.Response:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        try:
-            r = httpx.get(url, timeout=2)
-            if r.status_code == 200:
-                return r
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} never answered 200")
+    try:
+        return wait_ready(url, proc, timeout)
+    except RuntimeError as exc:
+        raise AssertionError(f"{exc}: {proc.stdout.read() if proc.stdout else ''}") from None
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -13,13 +13,11 @@ from PIL import Image
 from app.config import Settings
 from app.main import create_app
 from tests.conftest import encode, photo
+from tools import serving
 
 
 def wait_ready(client: TestClient) -> None:
-    deadline = time.time() + 60
-    while client.get("/readyz").status_code != 200:
-        assert time.time() < deadline, client.get("/readyz").json()
-        time.sleep(0.05)
+    serving.wait_ready("/readyz", timeout=60, client=client)
 
 
 @pytest.fixture(scope="module")

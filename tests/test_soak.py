@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 def test_a_60_second_soak_has_no_5xx_no_leaks_and_bounded_memory(tmp_path):
     report_file = tmp_path / "soak.json"
-    run = subprocess.run([sys.executable, "benchmarks/soak.py", "--seconds", "60", "--clients", "6",
+    run = subprocess.run([sys.executable, "-m", "tools.soak", "--seconds", "60", "--clients", "6",
                           "--json", str(report_file)], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(report_file.read_text())

@@ -43,7 +43,8 @@ class RunLog:
         if self.board is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.board.add_scalar(f"{prefix}/{key}", value, record["step"])
+                    name = key.removeprefix(f"{prefix}_")  # val_kid -> val/kid
+                    self.board.add_scalar(f"{prefix}/{name}", value, record["step"])
 
     def tick(self, **postfix) -> None:
         if self.bar is not None:

@@ -1,6 +1,6 @@
 """Soak and fault benchmark: mixed, concurrent, partly hostile traffic against a real server process.
 
-    python benchmarks/soak.py [--seconds 600] [--clients 8] [--weights FILE] [--json FILE]
+    python -m tools.soak [--seconds 600] [--clients 8] [--weights FILE] [--json FILE]
 
 About 80% of the requests are valid JPEG, PNG and WebP photos of several sizes (raw bodies and
 multipart). The rest are what a public service meets: JPEGs whose header was forged to claim more
@@ -35,7 +35,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from serving import start_app  # benchmarks/serving.py
+from tools.serving import start_app
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"MONET_UI": "false", "MONET_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024), "MONET_UPLOAD_TIMEOUT_S": "3",

@@ -1,6 +1,6 @@
 """Plot validation KID curves of training runs as a small PNG (Pillow only, no plotting library).
 
-    python weights/plot_curves.py OUT.png RUN_DIR[=label] ... [--x minutes|step] [--line label=value ...]
+    python -m tools.plot_curves OUT.png RUN_DIR[=label] ... [--x minutes|step] [--line label=value ...]
 
 Each RUN_DIR's metrics.jsonl gives the `val_kid` points; `--line` draws a dashed horizontal reference
 (e.g. the raw photos' or the colour transfer's KID on the same validation photos).

@@ -1,19 +1,17 @@
-"""Make the model card's before/after grid: `python weights/make_grid.py OUT.jpg IMAGE... [--weights FILE]`.
+"""Make the model card's before/after grid: `python -m tools.make_grid OUT.jpg IMAGE... [--weights FILE]`.
 
 Each row is a photo and its painting, side by side, scaled to --height pixels.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model.images import fit_max_side, to_rgb  # noqa: E402
-from model.translator import Translator  # noqa: E402
-from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS  # noqa: E402
+from model.images import fit_max_side, to_rgb
+from model.translator import Translator
+from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS
 
 
 def main() -> None:

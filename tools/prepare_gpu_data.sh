@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Copy what benchmarks/gpu_run.sh trains on into .data/gpu (git-ignored; carried to the GPU machine):
+# Copy what tools/gpu_run.sh trains on into .data/gpu (git-ignored; carried to the GPU machine):
 # all paintings and the first N training photos (copies, not links: only the repository travels).
-#   benchmarks/prepare_gpu_data.sh PHOTOS_DIR PAINTINGS_DIR [N=2500]
+#   tools/prepare_gpu_data.sh PHOTOS_DIR PAINTINGS_DIR [N=2500]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 photos=$1 paintings=$2 n=${3:-2500}

@@ -3,13 +3,13 @@
 # issue 12 still needs), then train the winning recipe at full scale for the minutes left. Everything it
 # reports lands in $OUT (at most 8 files, each small).
 #
-#   benchmarks/prepare_gpu_data.sh PHOTOS PAINTINGS   # here: copies a subset into .data/gpu (git-ignored)
-#   OUT=/tmp/out benchmarks/gpu_run.sh [MINUTES]       # there: run with carry [".data/gpu"]; MINUTES of
+#   tools/prepare_gpu_data.sh PHOTOS PAINTINGS   # here: copies a subset into .data/gpu (git-ignored)
+#   OUT=/tmp/out tools/gpu_run.sh [MINUTES]       # there: run with carry [".data/gpu"]; MINUTES of
 #                                                      # training at the end (default 3; 0 skips it)
 #
 # About 2.5 minutes of benchmarks (RUNTIMES=1 adds torch.compile max-autotune and more, several minutes),
 # then MINUTES of training plus its validation.
-# Tested on CPU with a tiny budget: SMOKE=1 OUT=/tmp/out benchmarks/gpu_run.sh 0.2
+# Tested on CPU with a tiny budget: SMOKE=1 OUT=/tmp/out tools/gpu_run.sh 0.2
 # Files: gpu.txt bench_model.txt translate.txt bench_train.txt fit.log best.safetensors val_curve.jsonl (7 of 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1 || e
 # 1. the shipped generator end to end against the reference; by batch size with p50/p99, CUDA graphs against
 # eager, peak GPU memory and the host's share of wall time; JPEG files in and out through nvJPEG.
 # (bench_server needs FastAPI, which the GPU machine lacks: it runs unchanged wherever the service is installed.)
-python benchmarks/bench_model.py --weights "$weights" "${model_args[@]}" > "$out/bench_model.txt" 2>&1 || true
+python -m benchmarks.bench_model --weights "$weights" "${model_args[@]}" > "$out/bench_model.txt" 2>&1 || true
 
 # 2. the Kaggle use: a folder of JPEG photos to a zip of JPEG paintings (nvJPEG decode and encode on CUDA)
 mapfile -t inputs < <(find "$data/photo" -name '*.jpg' | sort | head -n "$n_files")
@@ -46,7 +46,7 @@ python -m model.translate "${inputs[@]}" --weights "$weights" --out /tmp/monet_o
 echo "${#inputs[@]} files in $(( ($(date +%s%N) - start) / 1000000 )) ms, model load included" >> "$out/translate.txt"
 
 # 3. training speed per preset against a reference-style step
-python benchmarks/bench_train.py --presets cpu,cyclegan --models cyclegan,fastcut --steps "${BENCH_STEPS:-10}" \
+python -m benchmarks.bench_train --presets cpu,cyclegan --models cyclegan,fastcut --steps "${BENCH_STEPS:-10}" \
   "${bench_small[@]}" > "$out/bench_train.txt" 2>&1 || true
 
 # 4. the winning recipe (docs/experiments.md) at full scale: the paper's 9-block generator, 256x256 crops of

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Screen candidate recipes at equal wall-clock time (validation time not counted) by their validation
 # KID curves; results land in runs/screen/<name>/metrics.jsonl. Usage:
-#   benchmarks/screen_recipes.sh PHOTOS_DIR PAINTINGS_DIR MINUTES [NAME ...]
+#   tools/screen_recipes.sh PHOTOS_DIR PAINTINGS_DIR MINUTES [NAME ...]
 set -euo pipefail
 photos=$1 paintings=$2 minutes=$3
 shift 3
