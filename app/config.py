@@ -33,8 +33,9 @@ class Settings(BaseSettings):
     decode_budget_bytes: int = Field(512 * 1024 * 1024, ge=1,
                                      description="memory that image decodes in progress may hold together; "
                                                  "decodes past it wait their turn")
-    max_batch_pixels: int = Field(2 * 1024 * 1024, ge=1, description="pixels per forward pass (at least one "
-                                  "image): bounds activation memory for large images")
+    max_batch_pixels: int = Field(2 * 1024 * 1024, ge=1, description="pixels per forward pass at 16-bit "
+                                  "precision, half that in fp32 (at least one image): bounds activation memory "
+                                  "for large images")
     max_side: int = Field(1024, ge=16, description="larger uploads are downscaled to this longer side")
     default_format: Literal["png", "jpeg", "webp"] = "png"
     ui: bool = Field(True, description="mount the Gradio UI at /ui")

@@ -58,7 +58,9 @@ class Translator:
     """Turns photos into Monet-style paintings with one generator. Safe to call from many threads.
 
     Images of the same size are run together in batches of at most ``max_batch`` images and
-    ``max_batch_pixels`` pixels (at least one image).
+    ``max_batch_pixels`` pixels (at least one image). The pixel cap is for 16-bit compute (bf16, fp16); in fp32
+    a pass takes half as many pixels, since every activation holds twice the bytes and the cap is there to
+    bound memory.
     """
 
     def __init__(
@@ -80,7 +82,7 @@ class Translator:
         self.size_multiple = self.spec.size_multiple
         self.max_batch = max(1, int(max_batch))
         # activations grow with pixels, not images: a batch of eight 1024x1024 images would hold gigabytes
-        self.max_batch_pixels = max(1, int(max_batch_pixels))
+        self.max_batch_pixels = max(1, int(max_batch_pixels) // (2 if self.dtype == torch.float32 else 1))
         if self.device.type == "cpu":
             use_cpu_threads()
         self.backend = resolve_backend(backend, self.device)  # its name: "torch" or "openvino"
