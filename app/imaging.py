@@ -20,6 +20,26 @@ from model.images import draft_for, fitted_size, prepare
 # 0.015 bits per pixel; a file with less than 0.01 bits per pixel cannot hold its declared image.
 JPEG_MIN_BYTES_PER_PIXEL_INV = 800
 ACCEPTED_INPUTS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"}
+SUPPORTED = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+# ISO-BMFF brands (bytes 8-12 after "ftyp") of the phone formats Pillow cannot open on its own
+_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"mif1": "HEIF",
+           b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The name of a well-known image format Pillow did not open (HEIC/HEIF, AVIF, SVG, PSD, JPEG XL), from its
+    first bytes; None when it is none of them."""
+    head = data[:512]
+    if head[4:8] == b"ftyp":
+        return _BRANDS.get(head[8:12])
+    if head.startswith(b"8BPS"):
+        return "PSD"
+    if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL "):
+        return "JPEG XL"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
+        return "SVG"
+    return None
 
 
 try:
@@ -44,8 +64,9 @@ _BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 10, "LA": 10, "I;16": 14, "I;16B": 14, 
 
 def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
     """Read an upload's header and check it, decoding no pixel: BadImage (unreadable or forged), TooLarge
-    (too many pixels: a decompression bomb costs nothing), UnsupportedMedia (format). A JPEG is set to decode at the smallest
-    scale (1/2, 1/4, 1/8) that still covers ``max_side``, and ``cost`` counts that reduced size."""
+    (too many pixels: a decompression bomb costs nothing), UnsupportedMedia (a format we recognise but do not
+    take). A JPEG is set to decode at the smallest scale (1/2, 1/4, 1/8) that still covers ``max_side``, and
+    ``cost`` counts that reduced size."""
     if not data:
         raise BadImage("the body is empty; send the image bytes")
     try:
@@ -53,7 +74,9 @@ def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise BadImage("the body is not an image that can be read (send JPEG, PNG, WebP, BMP, TIFF or GIF)") from None
+        if (kind := sniff_format(data)) is not None:
+            raise UnsupportedMedia(f"{kind} images are not supported; send {SUPPORTED}") from None
+        raise BadImage(f"the body is not an image that can be read (send {SUPPORTED})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooLarge(f"the image has more than {max_pixels} pixels") from None
     except Exception:

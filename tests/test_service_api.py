@@ -123,6 +123,17 @@ def test_bad_bodies(client):
     assert "PCX" in error(client.post("/translate", content=encode(photo(8, 8), "PCX"), headers={"content-type": "image/x-pcx"}), 415)
 
 
+@pytest.mark.parametrize("name, head, media", [
+    ("HEIC", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "image/heic"),
+    ("AVIF", b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64), "image/avif"),
+    ("SVG", b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>', "image/svg+xml"),
+    ("PSD", b"8BPS\x00\x01" + bytes(64), "image/vnd.adobe.photoshop"),
+])
+def test_known_formats_we_do_not_take_get_415_naming_them(client, name, head, media):
+    detail = error(client.post("/translate", content=head, headers={"content-type": media}), 415)
+    assert detail.startswith(name) and "JPEG, PNG, WebP" in detail, detail
+
+
 def test_oversized_bodies_get_413(client):
     big = b"\xff\xd8" + b"\x00" * 400_000
     assert "limit" in error(client.post("/translate", content=big, headers={"content-type": "image/jpeg"}), 413)
