@@ -62,6 +62,32 @@ _BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 10, "LA": 10, "I;16": 14, "I;16B": 14, 
                     "I": 18, "F": 18}
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT = {b"tEXt", b"zTXt", b"iTXt"}
+
+
+def without_png_text(data: bytes) -> bytes:
+    """A PNG's bytes without its text chunks (tEXt, zTXt, iTXt), which the painting never uses and which
+    Pillow would decompress as it reads the header; other data comes back as it is. One pass over the chunk
+    headers, nothing decompressed; a chunk structure that does not add up is left for Pillow to refuse."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return data
+    keep, pos, dropped = [data[:8]], 8, False
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind, end = data[pos + 4 : pos + 8], pos + 12 + length
+        if end > len(data):
+            return data
+        if kind in _PNG_TEXT:
+            dropped = True
+        else:
+            keep.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    return b"".join(keep) if dropped else data
+
+
 def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
     """Read an upload's header and check it, decoding no pixel: BadImage (unreadable or forged), TooLarge
     (too many pixels: a decompression bomb costs nothing), UnsupportedMedia (a format we recognise but do not
@@ -69,6 +95,7 @@ def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
     ``cost`` counts that reduced size."""
     if not data:
         raise BadImage("the body is empty; send the image bytes")
+    data = without_png_text(data)  # a valid PNG with a huge compressed comment is still a valid image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -123,6 +123,18 @@ def test_bad_bodies(client):
     assert "PCX" in error(client.post("/translate", content=encode(photo(8, 8), "PCX"), headers={"content-type": "image/x-pcx"}), 415)
 
 
+def test_a_png_with_a_huge_compressed_text_chunk_is_still_painted(client):
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = encode(photo(48, 32), "PNG")
+    comment = chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"a" * (50 << 20), 9))  # 50 MB in about 50 KB
+    body = png[:33] + comment + png[33:-12] + comment + png[-12:]  # before the pixels and after them
+    answer = client.post("/translate", content=body, headers={"content-type": "image/png"})
+    assert answer.status_code == 200, answer.text
+    assert Image.open(io.BytesIO(answer.content)).size == (48, 32)
+
+
 @pytest.mark.parametrize("name, head, media", [
     ("HEIC", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "image/heic"),
     ("AVIF", b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64), "image/avif"),
