@@ -72,20 +72,20 @@ def without_png_text(data: bytes) -> bytes:
     headers, nothing decompressed; a chunk structure that does not add up is left for Pillow to refuse."""
     if not data.startswith(_PNG_SIGNATURE):
         return data
-    keep, pos, dropped = [data[:8]], 8, False
+    text, pos = [], 8  # the (start, end) of each text chunk; nothing is copied unless there is one
     while pos + 12 <= len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind, end = data[pos + 4 : pos + 8], pos + 12 + length
+        kind, end = data[pos + 4 : pos + 8], pos + 12 + int.from_bytes(data[pos : pos + 4], "big")
         if end > len(data):
             return data
         if kind in _PNG_TEXT:
-            dropped = True
-        else:
-            keep.append(data[pos:end])
+            text.append((pos, end))
         pos = end
         if kind == b"IEND":
             break
-    return b"".join(keep) if dropped else data
+    if not text:
+        return data
+    starts, ends = [0] + [e for _, e in text], [s for s, _ in text] + [len(data)]
+    return b"".join(data[a:b] for a, b in zip(starts, ends))
 
 
 def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
@@ -109,7 +109,7 @@ def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
     except Exception:
         raise BadImage("the image header is damaged") from None
     if img.format not in ACCEPTED_INPUTS:
-        raise UnsupportedMedia(f"{img.format} images are not supported; send JPEG, PNG, WebP, BMP, TIFF or GIF")
+        raise UnsupportedMedia(f"{img.format} images are not supported; send {SUPPORTED}")
     width, height = img.size
     if width * height > max_pixels:
         raise TooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")

@@ -136,8 +136,6 @@ class Translator:
                     out[i] = y
         return out
 
-
-
     def release_memory(self) -> None:
         """Drop what large batches left behind (OpenVINO's buffers); call it when idle."""
         with self._lock:

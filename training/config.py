@@ -152,13 +152,11 @@ class ConfigError(ValueError):
     """A problem with the options or the run folder; the message says what to do."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """`python -m training.fit`'s options: one per TrainConfig field, with the field's help. Recipe values
     default to the preset's; every flag overrides them."""
-    import training.fit
-
     p = argparse.ArgumentParser(
-        prog="python -m training.fit", description=training.fit.__doc__,
+        prog="python -m training.fit", description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every preset value can be overridden by its flag; the resolved configuration is written to "
         "RUN_DIR/config.json and stored in every checkpoint.")
@@ -185,12 +183,12 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+def config_from_args(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
     """The run's configuration: a new run's preset with the flags applied, or a resumed run's config.json
     with the flags applied (its invocation options from the flags only). Raises ConfigError."""
     from training.checkpoint import list_checkpoints
 
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(description).parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None and k != "preset"}
     out = Path(given["out"])
     if given.get("resume_if_present"):  # a run that never checkpointed has nothing to lose: start it again

@@ -125,10 +125,9 @@ class CUT:
 
     loss_names = ("G_gan", "nce", "D_monet")
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1,
-                 local_rank: int | None = None):
+    def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1):
         self.cfg = cfg
-        self.nets = Networks(CUTGenerator(cfg), discriminator(cfg), cfg, device, total_steps, world_size, local_rank)
+        self.nets = Networks(CUTGenerator(cfg), discriminator(cfg), cfg, device, total_steps, world_size)
         self.gan, self.augment = GANLoss(cfg.gan_loss), DiffAugment(cfg.diffaugment)
 
     def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:

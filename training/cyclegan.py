@@ -97,10 +97,9 @@ class CycleGAN:
 
     loss_names = ("G_gan", "cycle", "identity", "D_photo", "D_monet")
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1,
-                 local_rank: int | None = None):
+    def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1):
         self.cfg = cfg
-        self.nets = Networks(Generators(cfg), Discriminators(cfg), cfg, device, total_steps, world_size, local_rank)
+        self.nets = Networks(Generators(cfg), Discriminators(cfg), cfg, device, total_steps, world_size)
         self.gan, self.augment = GANLoss(cfg.gan_loss), DiffAugment(cfg.diffaugment)
         self.pool_photo = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 1)
         self.pool_monet = ImagePool(cfg.pool_size, seed=cfg.seed * 2 + 2)

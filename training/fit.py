@@ -32,7 +32,7 @@ OBJECTIVES = {"cyclegan": CycleGAN, "cut": CUT, "fastcut": CUT}
 def main(argv: list[str] | None = None) -> int:
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     try:
-        cfg = config_from_args(argv)
+        cfg = config_from_args(argv, __doc__)
         device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         checkpoint = load_checkpoint(latest_checkpoint(Path(cfg.out)), map_location="cpu") if cfg.resume else None
         data = load_data(cfg)
@@ -58,7 +58,7 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
     photos, paintings = data["photos"], data["paintings"]
     steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(photos.files) / (cfg.batch_size * world_size))
     total = cfg.total_steps(steps_per_epoch)
-    objective = OBJECTIVES[cfg.model](cfg, device, total, world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    objective = OBJECTIVES[cfg.model](cfg, device, total, world_size)
     nets = objective.nets
     if checkpoint is not None:
         objective.load_state_dict(checkpoint)

@@ -59,7 +59,7 @@ class Networks:
     """
 
     def __init__(self, gens: nn.Module, discs: nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int,
-                 world_size: int = 1, local_rank: int | None = None):
+                 world_size: int = 1):
         self.cfg, self.device = cfg, device
         self.gens, self.discs = gens.to(device), discs.to(device)
         if device.type == "cuda":
@@ -83,7 +83,7 @@ class Networks:
             self.discs.compile()
         self.gens_run, self.discs_run = self.gens, self.discs
         if world_size > 1:
-            ids = [local_rank] if device.type == "cuda" else None
+            ids = [device.index] if device.type == "cuda" else None  # cuda:LOCAL_RANK (runtime.resolve_device)
             self.gens_run = DDP(self.gens, device_ids=ids, broadcast_buffers=False)
             self.discs_run = DDP(self.discs, device_ids=ids, broadcast_buffers=False)
         self.step = 0
