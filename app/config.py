@@ -40,5 +40,9 @@ class Settings(BaseSettings):
     default_format: Literal["png", "jpeg", "webp"] = "png"
     ui: bool = Field(True, description="mount the Gradio UI at /ui")
     ui_cache_ttl_s: int = Field(900, ge=1, description="the UI's uploads and results are deleted after this age")
+    max_connections: int = Field(1000, ge=1, description="open connections; past it a new one evicts the oldest "
+                                 "not in a request, or gets 503 when all are")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers must arrive within this "
+                                    "time from the connection's (or the request's) first byte (408 after)")
     drain_s: float = Field(2.0, ge=0, description="on SIGTERM: seconds of /readyz 503 before new connections stop")
     shutdown_grace_s: int = Field(10, ge=0, description="then: seconds the accepted requests have to finish")

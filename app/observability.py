@@ -28,6 +28,12 @@ class Metrics:
         self.queue_depth = Gauge("monet_queue_depth", "requests waiting for the model", registry=self.registry)
         self.decodes = Counter("monet_decodes", "uploads decoded (each admitted first: a refusal decodes nothing)",
                                registry=self.registry)
+        self.in_progress = Gauge("monet_requests_in_progress", "HTTP requests being answered (the metrics "
+                                 "request that reads it included)", registry=self.registry)
+        self.connections_refused = Counter(
+            "monet_connections_refused", "connections closed by the server before a request: busy (over "
+            "MONET_MAX_CONNECTIONS, all in requests), evicted (the oldest idle one, to make room), header_timeout",
+            ["reason"], registry=self.registry)
 
 
 def route_label(scope: Scope, entry: Scope | None = None) -> str:
@@ -57,6 +63,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), 500
+        scope.setdefault("state", {})["arrived"] = time.monotonic()  # what a drain compares with (SIGTERM)
         entry = dict(scope)
 
         async def send_wrapper(message: Message) -> None:
@@ -65,9 +72,11 @@ class ObservabilityMiddleware:
                 status = message["status"]
             await send(message)
 
+        self.metrics.in_progress.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.metrics.in_progress.dec()
             route = route_label(scope, entry)
             self.metrics.requests.labels(route, str(status)).inc()
             if route != "/ui":

@@ -47,12 +47,16 @@ async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | N
                                 "in between a blend of the two")) -> Response:
     """Paint the uploaded photo in Monet's style (multipart field `image`, or a raw image/* body)."""
     service = service_of(request)
+    arrived = getattr(request.state, "arrived", None)  # stamped by the middleware as the request came in
     fmt = negotiate(format, request.headers.get("accept"), service.settings.default_format)
     if fmt is None:
         raise NotAcceptable("none of the Accept header's types can be produced; accept image/png, image/jpeg or image/webp")
     s = service.settings
     data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, request.app.state.upload_budget)
-    painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength)
+    # the body is read before any 503: a drain's answer closes the connection, and closing on unread bytes
+    # resets it (the client would see the reset, not the answer)
+    painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength,
+                                   arrived=arrived)
     t = painting.timing
     return Response(painting.data, media_type=painting.media_type, headers={
         "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),

@@ -54,11 +54,16 @@ class PaintingService:
         self.load_error: str | None = None
         self.decode_budget = DecodeBudget(settings.decode_budget_bytes)
         self.draining = False  # set on SIGTERM: finish what was accepted, take nothing new
+        self.drain_started = float("inf")  # time.monotonic() of the SIGTERM
         self._loading: asyncio.Task | None = None
 
-    def readiness(self) -> NotReady | Busy | None:
-        """None when this replica serves; else the refusal that /readyz and every request answer with."""
-        if self.draining:
+    def start_draining(self) -> None:
+        self.draining, self.drain_started = True, time.monotonic()
+
+    def readiness(self, arrived: float | None = None) -> NotReady | Busy | None:
+        """None when this replica serves a request that ``arrived`` then (time.monotonic(); None: now); else
+        the refusal that /readyz and the request answer with. A request that arrived before SIGTERM is served."""
+        if self.draining and (arrived is None or arrived >= self.drain_started):
             return Busy("shutting down")  # retry: another replica (or this one's successor) will answer
         if self.batcher is None:
             if self.load_error:  # permanent until an operator fixes the weights: no Retry-After
@@ -112,10 +117,12 @@ class PaintingService:
                        "decode_budget_bytes": s.decode_budget_bytes, "max_batch_pixels": s.max_batch_pixels},
         }
 
-    async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0) -> Painting:
-        """Admit the request, then decode ``data``, translate it through the batcher, blend ``strength`` of the
-        painting with the photo, encode as ``fmt``. Raises a Refusal (app.errors) or NonFiniteOutput."""
-        if (refusal := self.readiness()) is not None:
+    async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0,
+                    arrived: float | None = None) -> Painting:
+        """Admit the request (which ``arrived`` then: time.monotonic()), then decode ``data``, translate it through
+        the batcher, blend ``strength`` of the painting with the photo, encode as ``fmt``. Raises a Refusal
+        (app.errors) or NonFiniteOutput."""
+        if (refusal := self.readiness(arrived)) is not None:
             raise refusal
         s = self.settings
         with self.batcher.slot() as slot:  # admitted before any decode: under overload a 503 costs nothing

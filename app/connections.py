@@ -1,0 +1,162 @@
+"""What the HTTP server does with connections, below the app: a cap on open connections, a deadline for a
+request's line and headers, and a drain that never closes a connection mid-request.
+
+uvicorn takes its HTTP protocol as a class (``uvicorn.Config(http=...)``); ``guarded_protocol`` returns its
+httptools protocol with these three rules added. uvicorn's own ``limit_concurrency`` is not enough: it
+answers 503 only once a request's headers are complete, so sockets that send nothing hold a file descriptor
+each for as long as their clients like.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("monet.connections")
+FRESH_GRACE_S = 0.5
+
+
+def raw_response(status: int, reason: str, detail: str) -> bytes:
+    """A complete HTTP/1.1 answer with a JSON ``detail`` that closes the connection."""
+    body = json.dumps({"detail": detail}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode() + body
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """httptools' protocol with a connection cap, a header deadline and a drain that closes between requests.
+
+    - **Cap** (``max_connections``): a connection past the cap evicts the oldest one that is not in a request
+      (one that never sent a byte first, then one still sending its headers, then an idle keep-alive one), so
+      idle sockets cannot lock real clients out. When every open connection is in a request, the new one is
+      answered 503 and closed at once.
+    - **Header deadline** (``header_timeout_s``): a new connection, and each next request on a kept-alive one
+      from its first byte, must finish its request line and headers in time, else 408 and close.
+    - **Drain**: once draining, every answer carries ``Connection: close`` (requests in progress included), a
+      connection whose next request has begun arriving is kept until that request is answered, and only
+      connections idle between requests are closed when the server stops.
+    """
+
+    max_connections: int | None = None
+    header_timeout_s: float | None = None
+    drain = None  # anything with a ``draining`` flag, set on SIGTERM (the PaintingService)
+    on_refusal = staticmethod(lambda reason: None)  # counts refused connections (a metric)
+
+    last_opened = 0.0  # time.monotonic() of the newest connection, on the class a server uses
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._opened = type(self).last_opened = time.monotonic()
+        self._requests = 0  # requests whose headers completed on this connection
+        self._receiving = False  # a request's line or headers have begun arriving but are not complete
+        self._header_timer = None
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            victim = self._eviction_candidate()
+            if victim is None:
+                self._refuse(503, "Service Unavailable", "busy",
+                             f"the server holds {self.max_connections} connections, all in requests; retry shortly")
+                return
+            victim._refuse(503, "Service Unavailable", "evicted",
+                           "closed to make room for a new connection: the connection limit is reached")
+        self._arm_header_timer()
+
+    def _eviction_candidate(self) -> "GuardedProtocol | None":
+        def rank(c: GuardedProtocol):
+            if c._receiving:
+                return 1
+            return 0 if c._requests == 0 else 2
+
+        idle = [c for c in self.connections if isinstance(c, GuardedProtocol) and c is not self
+                and not c.transport.is_closing() and (c.cycle is None or c.cycle.response_complete)]
+        return min(idle, key=lambda c: (rank(c), c._opened), default=None)
+
+    def _refuse(self, status: int, reason: str, kind: str, detail: str) -> None:
+        """Answer (unless nothing was asked yet) and close; one log line and one count."""
+        self._cancel_header_timer()
+        if kind != "evicted" or self._receiving or self._requests == 0:  # never between a kept-alive
+            self.transport.write(raw_response(status, reason, detail))  # connection's requests: it may be reused
+        self.transport.close()
+        log.info(json.dumps({"connection": kind, "status": status, "client": (self.client or ["?"])[0],
+                             "open_s": round(time.monotonic() - self._opened, 2)}))
+        self.on_refusal(kind)
+
+    def _arm_header_timer(self) -> None:
+        if self.header_timeout_s is not None and self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing() and (self._receiving or self._requests == 0):
+            self._refuse(408, "Request Timeout", "header_timeout",
+                         f"the request line and headers did not arrive within {self.header_timeout_s:g} s")
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._receiving = True
+        self._arm_header_timer()  # a kept-alive connection's next request: its deadline starts now
+
+    def on_headers_complete(self) -> None:
+        self._receiving = False
+        self._requests += 1
+        self._cancel_header_timer()
+        super().on_headers_complete()
+        if self.drain is not None and self.drain.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with Connection: close, then closed
+
+    def _last_request(self) -> None:
+        """The request in progress (if any) is this connection's last: its answer says Connection: close.
+        Not once its headers are out without it: the client would reuse a connection the server then closes."""
+        if self.cycle is not None and not self.cycle.response_started:
+            self.cycle.keep_alive = False
+
+    def start_draining(self) -> None:
+        """SIGTERM: the request in progress is answered with Connection: close when its answer has not begun;
+        else the next request on the connection is."""
+        self._last_request()
+
+    def shutdown(self) -> None:
+        """The server stops: close now only between requests. A request that began arriving is answered first
+        (uvicorn waits for open connections, within its graceful-shutdown timeout), and a connection that has
+        not sent its first byte yet gets ``FRESH_GRACE_S`` to send it: it was accepted just before the listener
+        closed, and its client is most likely sending."""
+        if self._receiving:
+            return  # on_headers_complete turns keep-alive off, the answer closes the connection
+        if self._requests == 0:
+            self.loop.call_later(FRESH_GRACE_S, self._close_if_silent)
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+        else:
+            self._last_request()  # uvicorn's own shutdown turns keep-alive off even after the headers went out
+
+    def _close_if_silent(self) -> None:
+        if not self._receiving and self._requests == 0 and not self.transport.is_closing():
+            self._cancel_header_timer()
+            self.transport.close()
+
+
+def guarded_protocol(max_connections: int | None, header_timeout_s: float | None, drain=None,
+                     on_refusal=None) -> type[GuardedProtocol]:
+    """A GuardedProtocol class with these settings, for ``uvicorn.Config(http=...)``."""
+    attrs = {"max_connections": max_connections, "header_timeout_s": header_timeout_s, "drain": drain}
+    if on_refusal is not None:
+        attrs["on_refusal"] = staticmethod(on_refusal)
+    return type("GuardedProtocol", (GuardedProtocol,), attrs)
+
+
+def start_draining(connections) -> None:
+    """Mark every open connection's request in progress as the last on its connection."""
+    for c in list(connections):
+        if isinstance(c, GuardedProtocol):
+            c.start_draining()

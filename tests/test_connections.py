@@ -1,0 +1,168 @@
+"""The real server's connections (`python -m app` under uvicorn): SIGTERM loses no request, a connection cap,
+a header deadline. Protocol errors are counted, not only statuses."""
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from model.weights import save_generator
+from tests.conftest import Server, encode, photo, small_generator
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("connections") / "g.safetensors"
+    save_generator(path, small_generator(ngf=16, n_blocks=2))
+    return path
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_sigterm_drains_finishes_accepted_requests_and_exits_0(weights):
+    srv = Server(weights, ui="false", max_batch_size=1, drain_s=1.5, shutdown_grace_s=20).wait_ready()
+    body = encode(photo(768, 768, seed=3))
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            burst = [pool.submit(httpx.post, srv.url + "/translate", content=body,
+                                 headers={"content-type": "image/jpeg"}, timeout=60) for _ in range(12)]
+            deadline = time.time() + 30  # wait until all 12 have arrived (12 and the /metrics request itself)
+            while metric(httpx.get(srv.url + "/metrics").text, "monet_requests_in_progress") < 13:
+                assert time.time() < deadline, "the burst never arrived"
+                time.sleep(0.02)
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            ready = httpx.get(srv.url + "/readyz")
+            late = httpx.post(srv.url + "/translate", content=body, headers={"content-type": "image/jpeg"})
+            answers = [f.result() for f in burst]
+        assert ready.status_code == 503 and ready.json()["detail"] == "shutting down"
+        assert late.status_code == 503 and "shutting down" in late.json()["detail"]
+        assert late.headers["connection"] == "close"
+        # every request that arrived before the signal got its painting, uploads still arriving included
+        assert [r.status_code for r in answers] == [200] * 12
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_sigterm_under_keep_alive_load_loses_no_request(weights, attempt):
+    """8 clients on keep-alive connections send back to back; SIGTERM in the middle. Each client goes on
+    (after a 503 it waits its Retry-After) until the server no longer accepts connections. Nothing sent may
+    end in a protocol error: the drain closes connections only between requests, with Connection: close."""
+    srv = Server(weights, ui="false", max_batch_size=8, drain_s=1.0, shutdown_grace_s=20).wait_ready()
+    body = encode(photo(64, 48, seed=attempt))
+    signalled = threading.Event()
+    outcomes: list[tuple] = []
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as c:
+            end = time.time() + 60
+            while time.time() < end:
+                after = signalled.is_set()
+                try:
+                    r = c.post(srv.url + "/translate", content=body, headers={"content-type": "image/jpeg"})
+                except httpx.ConnectError:
+                    return  # the listener is closed: nothing was sent
+                except httpx.TransportError as exc:  # sent, and no answer: a lost request
+                    outcomes.append(("lost", type(exc).__name__, after))
+                    return
+                outcomes.append((r.status_code, r.headers.get("connection"), after,
+                                 r.json()["detail"] if r.status_code != 200 else ""))
+                if r.status_code == 503:
+                    time.sleep(float(r.headers.get("retry-after", 1)))
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0 + 0.1 * attempt)
+        signalled.set()
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(90)
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+    lost = [o for o in outcomes if o[0] == "lost"]
+    assert not lost, f"{len(lost)} requests lost: {lost}; the server said: {srv.output()}"
+    assert {o[0] for o in outcomes} <= {200, 503}
+    assert all("shutting down" in o[3] for o in outcomes if o[0] == 503)
+    refused = [o for o in outcomes if o[0] == 503]
+    assert refused and all(o[1] == "close" for o in refused)  # the drain closes connections as it answers
+    assert sum(o[0] == 200 for o in outcomes if not o[2]) > 8  # real load ran before the signal
+
+
+@pytest.fixture
+def guarded(weights):
+    srv = Server(weights, ui="false", max_connections=50, header_timeout_s=1.5).wait_ready()
+    yield srv
+    srv.stop()
+
+
+def test_a_thousand_idle_sockets_cost_bounded_fds_and_real_requests_still_flow(guarded):
+    host, port = guarded.url.removeprefix("http://").split(":")
+    before = open_fds(guarded.proc.pid)
+    idle = []
+    try:
+        for _ in range(1000):
+            idle.append(socket.create_connection((host, int(port))))
+        body = encode(photo(64, 48))
+        with httpx.Client(timeout=30) as c:  # while the 1,000 are held: real requests get their paintings
+            answers = [c.post(guarded.url + "/translate", content=body, headers={"content-type": "image/jpeg"})
+                       for _ in range(5)]
+        assert [r.status_code for r in answers] == [200] * 5
+        time.sleep(0.3)
+        held = open_fds(guarded.proc.pid)
+        assert held <= before + 50 + 5, (before, held)  # the cap, not the clients, bounds the server's fds
+        text = httpx.get(guarded.url + "/metrics").text
+        assert metric(text, 'monet_connections_refused_total{reason="evicted"}') >= 900
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(2.0)
+    assert open_fds(guarded.proc.pid) <= before + 5
+
+
+def test_headers_that_never_finish_get_408_and_the_connection_closes(guarded):
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:  # one header line a second: never finishes in time
+        s.settimeout(10)
+        s.sendall(b"POST /translate HTTP/1.1\r\n")
+        started, answer = time.time(), b""
+        try:
+            for i in range(8):
+                s.sendall(f"X-Slow-{i}: 1\r\n".encode())
+                time.sleep(0.5)
+        except OSError:
+            pass  # the server closed the connection: the rest could not be sent
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"did not arrive within 1.5 s" in answer
+    assert time.time() - started < 6
+    with socket.create_connection((host, int(port))) as s:  # a socket that sends nothing: 408 and closed too
+        s.settimeout(10)
+        assert s.recv(65536).startswith(b"HTTP/1.1 408")
+        assert s.recv(65536) == b""
+    # a kept-alive connection's next request gets the same deadline from its first byte
+    with httpx.Client(timeout=10) as c:
+        assert c.get(guarded.url + "/healthz").status_code == 200
+        time.sleep(2.0)  # idle between requests is the keep-alive timeout's business, not the header deadline's
+        assert c.get(guarded.url + "/healthz").status_code == 200
+    text = httpx.get(guarded.url + "/metrics").text
+    assert metric(text, 'monet_connections_refused_total{reason="header_timeout"}') >= 2
