@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadImage, TooLarge, UnsupportedMedia
@@ -55,6 +56,20 @@ class Opened:
     hold at its peak, counted against the service's decode budget."""
     image: Image.Image
     cost: int
+    jpeg: bytes | None = None  # a JPEG's bytes, for the scan check of finish_decode
+
+
+def jpeg_ends_early(data: bytes) -> bool:
+    """True when libjpeg reports that a JPEG's entropy-coded data ends before its declared image does
+    (JWRN_HIT_MARKER "premature end of data segment", JWRN_JPEG_EOF "premature end of JPEG file"): Pillow
+    would paint the rest grey without a word. The check decodes at libjpeg's smallest scale (1/8: the entropy
+    decode, nearly no inverse DCT); other warnings (extraneous bytes, colour conversions it does not do) are
+    left to Pillow."""
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=True, strict=True, min_height=1, min_width=1)
+    except ValueError as exc:
+        return "premature end" in str(exc).lower()
+    return False
 
 
 # Peak bytes per decoded pixel: Pillow keeps RGB(A) in 4 bytes, plus a converted copy and resize buffers.
@@ -125,12 +140,17 @@ def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
         raise BadImage("the image header is damaged") from None
     w, h = img.size
     out_w, out_h = fitted_size((w, h), max_side)
-    return Opened(img, w * h * _BYTES_PER_PIXEL.get(img.mode, 10) + out_w * out_h * 8)
+    return Opened(img, w * h * _BYTES_PER_PIXEL.get(img.mode, 10) + out_w * out_h * 8,
+                  data if img.format in ("JPEG", "MPO") else None)
 
 
 def finish_decode(opened: Opened, max_side: int) -> np.ndarray:
     """Decode an opened upload into an upright RGB uint8 array (H, W, 3), its longer side at most
-    ``max_side``. Raises BadImage for damaged or truncated data."""
+    ``max_side``. Raises BadImage for damaged or truncated data, a JPEG whose data ends early included."""
+    if opened.jpeg is not None and jpeg_ends_early(opened.jpeg):
+        opened.image.close()
+        raise BadImage("the JPEG's data ends before its declared image does (premature end of data): the file "
+                       "is truncated, or its header damaged or forged")
     try:
         return np.asarray(prepare(opened.image, max_side), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -301,6 +301,38 @@ def test_a_jpeg_header_that_claims_more_pixels_than_its_data_is_a_400(tmp_path):
         assert decoded(c.post("/translate", content=small, headers={"content-type": "image/jpeg"})).size == (64, 64)
 
 
+def test_a_jpeg_whose_data_ends_early_is_a_400_and_honest_compressible_jpegs_are_painted(tmp_path):
+    """A SOF raised to 500x500 over 64x64 of scan data (60x its data, under the bytes-per-pixel bound): libjpeg
+    reports the premature end, and the answer is 400, not a grey-padded painting."""
+    from model.weights import save_generator
+    from tests.conftest import small_generator
+
+    weights = tmp_path / "g.safetensors"
+    save_generator(weights, small_generator())
+    forged = jpeg_with_size(encode(photo(64, 64, seed=1), "JPEG", quality=75), 500, 500)
+    assert len(forged) * 800 > 500 * 500  # the byte-ratio check alone lets it through
+    cut = encode(photo(300, 200, seed=2), "JPEG", quality=90)
+    cut = cut[: len(cut) // 2] + b"\xff\xd9"  # half the scan, then an end marker
+    honest = []
+    for kw in ({}, {"progressive": True}, {"optimize": True}, {"progressive": True, "optimize": True}):
+        buf = io.BytesIO()
+        Image.new("RGB", (1200, 900), (30, 90, 160)).save(buf, "JPEG", quality=95, **kw)  # flat colour
+        honest.append(buf.getvalue())
+    honest.append(encode(photo(640, 480, seed=3).convert("L"), "JPEG", quality=80))  # greyscale
+    cmyk = io.BytesIO()
+    photo(200, 150, seed=4).convert("CMYK").save(cmyk, "JPEG")
+    honest.append(cmyk.getvalue())
+    with TestClient(create_app(Settings(weights=weights, device="cpu", max_side=256, ui=False))) as c:
+        wait_ready(c)
+        for bad in (forged, cut):
+            r = c.post("/translate", content=bad, headers={"content-type": "image/jpeg"})
+            assert "ends before its declared image" in error(r, 400)
+        for data in honest:
+            r = c.post("/translate", content=data, headers={"content-type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            assert max(decoded(r).size) == 256 or decoded(r).size == (200, 150)
+
+
 def test_a_large_jpeg_decodes_at_reduced_scale_and_looks_the_same():
     from app.imaging import finish_decode, open_upload
     from model.images import fit_max_side
