@@ -108,11 +108,17 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(QueueFull("the service is shutting down"))
 
+    def full(self) -> QueueFull | None:
+        """The refusal a request gets now, when ``queue_size`` are admitted; else None."""
+        if self.admitted >= self.queue_size:
+            return QueueFull(f"the service is busy ({self.queue_size} requests are already waiting); retry shortly")
+        return None
+
     @contextmanager
     def slot(self):
         """Admit one request (a ``Slot``), or raise QueueFull at once when ``queue_size`` are admitted."""
-        if self.admitted >= self.queue_size:
-            raise QueueFull(f"the service is busy ({self.queue_size} requests are already waiting); retry shortly")
+        if (refusal := self.full()) is not None:
+            raise refusal
         self.admitted += 1
         slot = Slot(self)
         try:

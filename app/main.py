@@ -1,6 +1,7 @@
 """`create_app(settings)`: the FastAPI app with its routes, metrics, access logs and the Gradio UI."""
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -40,5 +41,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from app.ui import mount_ui
 
         app = mount_ui(app, service)
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    app.add_middleware(ArrivalGate, service=service)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: it counts and logs the gate's 503s
     return app
+
+
+class ArrivalGate:
+    """Answers a POST /translate as it arrives when the service would refuse it anyway (queue full, shutting
+    down, loading): no routing, no parameter validation, no multipart parsing, so under overload a 503 costs
+    next to nothing. The body is drained first, as it arrives: a connection closed on unread bytes is reset,
+    and the client would see the reset instead of the answer."""
+
+    def __init__(self, app, service: PaintingService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/translate"
+                and (refusal := self.service.refusal_on_arrival()) is not None):
+            timeout = self.service.settings.upload_timeout_s
+            try:
+                await asyncio.wait_for(drain(receive), timeout)
+            except asyncio.TimeoutError:
+                pass  # a body that never ends: answer anyway
+            await errors.answer(refusal)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def drain(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return

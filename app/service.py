@@ -71,6 +71,14 @@ class PaintingService:
             return NotReady("the model is still loading", retry_after=5)
         return None
 
+    def refusal_on_arrival(self) -> NotReady | Busy | None:
+        """What a request for a painting gets as it arrives, before its body is read, when the answer is known
+        already: not ready or shutting down, or the queue full. None: read it (its place in the queue is
+        taken once the body is in, so a slow upload holds none)."""
+        if (refusal := self.readiness()) is not None:
+            return refusal
+        return self.batcher.full()
+
     @property
     def ready(self) -> bool:
         return self.readiness() is None

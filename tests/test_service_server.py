@@ -67,6 +67,18 @@ def test_overload_gets_503_with_retry_after_and_the_server_recovers(server):
     # admitted before decoding: only the requests that got a slot were decoded, a 503 cost no decode
     decodes = metric(httpx.get(server.url + "/metrics").text, "monet_decodes_total")
     assert decodes == codes.count(200), (decodes, codes)
+    # while the queue is full, a request is answered as it arrives, before its body is parsed: a malformed
+    # multipart body gets the same 503, not a 400, and the connection stays usable
+    with ThreadPoolExecutor(6) as pool:
+        hold = [pool.submit(post_many, server.url, [body], 1) for _ in range(6)]
+        gated = []  # 400 while a place is free, 503 while the queue is full
+        while not all(f.done() for f in hold) and 503 not in [r.status_code for r in gated]:
+            gated.append(httpx.post(server.url + "/translate", content=b"--x\r\nnot a multipart body",
+                                    headers={"content-type": "multipart/form-data; boundary=x"}))
+        [f.result() for f in hold]
+    assert {r.status_code for r in gated} <= {400, 503}
+    busy = [r for r in gated if r.status_code == 503]
+    assert busy and "busy" in busy[0].json()["detail"], [r.text for r in gated]
     assert httpx.get(server.url + "/healthz").status_code == 200
     # building the UI writes nothing into the source tree (it may be read-only, as in the image)
     assert not list((ROOT / "app").glob("*.pyi"))
