@@ -15,6 +15,7 @@ def test_a_60_second_soak_has_no_5xx_no_leaks_and_bounded_memory(tmp_path):
     assert report["passed"] and not report["failures"]
     kinds = {key.split()[0] for key in report["status_counts"]}
     assert {"valid", "damaged", "bomb", "oversize", "wrong_type"} <= kinds  # the mix really ran
+    assert report["protocol_errors"] == 0
     assert report["rss_mb"]["peak"] < 2048 and report["rss_mb"]["end"] - report["rss_mb"]["start"] < 200
     assert report["temp_files"] == [] and report["fds"]["end"] <= report["fds"]["start"] + 2
     assert report["valid_ok_per_s"] > 0

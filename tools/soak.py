@@ -7,6 +7,10 @@ multipart). The rest are what a public service meets: JPEGs whose header was for
 pixels than their data holds, decompression bombs, oversized bodies, wrong content types, clients that
 leave while queued and clients that send their body too slowly.
 
+Since the connection guard: forged JPEGs whose scan data ends early, HEIC, valid PNGs with a large text
+chunk, headers sent one line at a time and sockets that send nothing. A client error (a reset, a closed
+connection) is a failure: it counts as a protocol error.
+
 It reports throughput, p50/p99 latency of the valid requests, the status counts, the server's RSS
 (start, peak, end), and its open file descriptors and temp files at the end; then checks the acceptance:
 no 5xx other than 503 with Retry-After, every valid request answered 200 (or 503 under overload), the
@@ -39,11 +43,12 @@ from tools.serving import start_app
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"MONET_UI": "false", "MONET_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024), "MONET_UPLOAD_TIMEOUT_S": "3",
-            "MONET_DEVICE": "cpu"}
-EXPECTED = {"damaged": {400}, "bomb": {413}, "oversize": {413}, "wrong_type": {415}, "slow": {408},
+            "MONET_HEADER_TIMEOUT_S": "2", "MONET_DEVICE": "cpu"}
+EXPECTED = {"damaged": {400}, "short_jpeg": {400}, "bomb": {413}, "oversize": {413}, "wrong_type": {415},
+            "heic": {415}, "slow": {408}, "slow_headers": {408}, "idle_socket": {408}, "text_png": {200, 503},
             "queued_then_gone": {None}}  # None: the client left, nobody reads an answer
-MIX = [("valid", 80), ("damaged", 4), ("bomb", 4), ("oversize", 3), ("wrong_type", 4), ("queued_then_gone", 3),
-       ("slow", 2)]
+MIX = [("valid", 72), ("damaged", 4), ("short_jpeg", 2), ("bomb", 4), ("oversize", 3), ("wrong_type", 4),
+       ("heic", 2), ("text_png", 2), ("queued_then_gone", 3), ("slow", 2), ("slow_headers", 1), ("idle_socket", 1)]
 
 
 def photo(width: int, height: int, seed: int) -> Image.Image:
@@ -73,6 +78,40 @@ def png_bomb(side: int = 50_000) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
 
 
+def png_with_text(img: Image.Image, text_bytes: int = 2_000_000) -> bytes:
+    """A valid PNG with a large compressed text chunk (zTXt) before its pixels."""
+    data = encoded(img, "PNG")
+    body = b"Comment\x00\x00" + zlib.compress(b"monet " * (text_bytes // 6))
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    at = data.index(b"IDAT") - 4
+    return data[:at] + chunk + data[at:]
+
+
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(2000)  # an ISO-BMFF HEIC's opening
+
+
+def header_request(host: str, port: int, pace_s: float | None) -> int | None:
+    """A request whose headers come one line every ``pace_s`` (None: a socket that sends nothing). Returns the
+    status the server answers with before the headers are done, None if it never answers."""
+    with socket.create_connection((host, port), timeout=30) as s:
+        if pace_s is None:
+            reply = s.recv(64)
+        else:
+            s.settimeout(pace_s)
+            reply = b""
+            try:
+                s.sendall(b"POST /translate HTTP/1.1\r\n")
+                for i in range(60):
+                    try:
+                        reply = s.recv(64)
+                        break
+                    except socket.timeout:
+                        s.sendall(f"X-Slow-{i}: 1\r\n".encode())
+            except OSError:  # closed by the server between two lines
+                pass
+        return int(reply.split()[1]) if reply else None
+
+
 class Traffic:
     def __init__(self, seed: int = 0):
         sizes = [(256, 256), (512, 384), (384, 512), (1024, 768)]
@@ -82,6 +121,8 @@ class Traffic:
             for fmt, media in (("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")):
                 self.valid.append((encoded(img, fmt), media))
         self.forged = forged_jpeg(encoded(photo(64, 64, 9), "JPEG"))
+        self.short = forged_jpeg(encoded(photo(64, 64, 8), "JPEG"), 500)  # 60x its data: libjpeg ends early
+        self.text_png = png_with_text(photo(256, 256, 7))
         self.bomb = png_bomb()
         self.big = os.urandom(5 * 1024 * 1024)
         self.rng = random.Random(seed)
@@ -194,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                         elif kind == "damaged":
                             status = http.post("/translate", content=traffic.forged,
                                                headers={"content-type": "image/jpeg"}).status_code
+                        elif kind in ("short_jpeg", "heic", "text_png"):
+                            body, media = {"short_jpeg": (traffic.short, "image/jpeg"), "heic": (HEIC, "image/heic"),
+                                           "text_png": (traffic.text_png, "image/png")}[kind]
+                            status = http.post("/translate", content=body, headers={"content-type": media}).status_code
+                        elif kind == "slow_headers":  # a header line every 0.7 s, past MONET_HEADER_TIMEOUT_S
+                            status = header_request(host, port, 0.7)
+                        elif kind == "idle_socket":
+                            status = header_request(host, port, None)
                         elif kind == "bomb":
                             status = http.post("/translate", content=traffic.bomb,
                                                headers={"content-type": "image/png"}).status_code
@@ -249,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb": {"start": rss_start, "peak": round(rss_peak, 1), "end": round(rss_end, 1)},
         "rss_series": sampler.series, "fds": {"start": fds_start, "end": fds_end}, "temp_files": temp_files,
         "tracebacks_in_log": server_log.count("Traceback"),
+        "protocol_errors": sum(isinstance(status, str) for _, status, _, _ in results),
     }
     failures = []
     for kind, status, _, retry in results:
@@ -283,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {kind} | {status if status is not None else 'left (server: 499)'} | {n} |")
     r = report["rss_mb"]
     print(f"RSS MB: start {r['start']:.0f}, peak {r['peak']:.0f}, end {r['end']:.0f}; "
-          f"fds {fds_start} -> {fds_end}; temp files left {len(temp_files)}; server 499s {report['server_499']:.0f}")
+          f"fds {fds_start} -> {fds_end}; temp files left {len(temp_files)}; server 499s {report['server_499']:.0f}; "
+          f"protocol errors {report['protocol_errors']}")
     print("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
