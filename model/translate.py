@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime: auto = OpenVINO on CPU when installed (the openvino extra), else torch")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--max-side", type=int, default=None, help="downscale inputs whose longer side exceeds this")
+    p.add_argument("--tile", type=int, default=1024, help="paint images with a side over N in overlapping N x N "
+                   "tiles that share one set of normalisation statistics, so memory follows N, not the image "
+                   "(default 1024; 0 paints each image whole)")
     p.add_argument("--format", choices=sorted(FORMATS), default="png", help="output image format")
     p.add_argument("--zip", type=Path, default=None, help="also pack all outputs into this zip archive")
     p.add_argument("--codec", choices=["auto", "pil", "torchvision"], default="auto",
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1 or (args.max_side is not None and args.max_side < 1):
         print("error: --batch-size and --max-side must be at least 1", file=sys.stderr)
+        return 2
+    if args.tile != 0 and args.tile < 64:
+        print("error: --tile must be 0 (whole images) or at least 64", file=sys.stderr)
         return 2
     if not Path(args.weights).exists() and Path(args.weights) == DEFAULT_WEIGHTS:
         print(f"error: no default weights at {DEFAULT_WEIGHTS}; train one (python -m training.fit) "
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     problems.append(f"{path}: unreadable image ({exc})")
                     tqdm.write(f"warning: skipping {path}: unreadable image", file=sys.stderr)
             try:
-                paintings = translator.translate(images, max_side=args.max_side)
+                paintings = translator.translate(images, max_side=args.max_side, tile=args.tile)
             except NonFiniteOutput as exc:  # nothing half-written: files so far are complete, the rest untouched
                 print(f"error: {args.weights}: {exc}", file=sys.stderr)
                 return 2

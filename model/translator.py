@@ -6,6 +6,7 @@ network is a backend (model/backends.py), chosen once here.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import defaultdict
@@ -18,7 +19,13 @@ from torch import nn
 from model.backends import make_backend, resolve_backend
 from model.images import prepare
 from model.runtime import pick_dtype, resolve_device, use_cpu_threads
+from model.tiling import SharedStatistics, paint_tiled
 from model.weights import GeneratorInfo, load_generator
+
+
+log = logging.getLogger("monet.translator")
+TILE_OVERLAP = 64  # pixels two neighbouring tiles share, blended with raised-cosine ramps
+THUMB_SIDE = 1024  # the thumbnail whose statistics every tile uses (held-out 1536x1024: 1.4 levels from whole)
 
 
 class NonFiniteOutput(RuntimeError):
@@ -88,6 +95,7 @@ class Translator:
         self.backend = resolve_backend(backend, self.device)  # its name: "torch" or "openvino"
         self._run = make_backend(self.backend, generator, self.device, self.dtype, cuda_graphs=cuda_graphs)
         self._lock = threading.Lock()  # one forward at a time: concurrent ones only fight over the cores
+        self._generator, self._shared = generator, None  # the tiled path's copy is built on first use
         if warmup:
             self.translate_arrays(np.zeros((1, 256, 256, 3), dtype=np.uint8))
 
@@ -105,11 +113,39 @@ class Translator:
             raise NonFiniteOutput(f"{path}: {exc}") from None
 
     # -- public API -------------------------------------------------------------------------
-    def translate(self, images: list[Image.Image], max_side: int | None = None) -> list[Image.Image]:
+    def translate(self, images: list[Image.Image], max_side: int | None = None,
+                  tile: int | None = None) -> list[Image.Image]:
         """Translate each image; returns one RGB image per input, in order, each upright and the
-        same size as its (EXIF-rotated, ``max_side``-capped) input."""
+        same size as its (EXIF-rotated, ``max_side``-capped) input. Images with a side over ``tile`` are painted
+        in tiles (``translate_tiled``); the rest together in batches."""
         arrays = [np.asarray(prepare(img, max_side), dtype=np.uint8) for img in images]
-        return [Image.fromarray(out, "RGB") for out in self.translate_many(arrays)]
+        out: list = [None] * len(arrays)
+        small = [i for i, a in enumerate(arrays) if not tile or max(a.shape[:2]) <= tile]
+        for i, painting in zip(small, self.translate_many([arrays[i] for i in small])):
+            out[i] = painting
+        for i in set(range(len(arrays))) - set(small):
+            out[i] = self.translate_tiled(arrays[i], tile)
+        return [Image.fromarray(p, "RGB") for p in out]
+
+    def translate_tiled(self, image: np.ndarray, tile: int = 1024, overlap: int = TILE_OVERLAP,
+                        thumb_side: int = THUMB_SIDE) -> np.ndarray:
+        """Paint one uint8 (H, W, 3) image of any size in overlapping ``tile`` x ``tile`` tiles, every tile
+        normalised with the statistics of one thumbnail pass (model/tiling.py); memory follows the tile, not
+        the image. An image that fits one tile is painted whole, exactly as ``translate_many`` paints it.
+        The tiles run in fp32 eager torch on this translator's device whatever its backend (OpenVINO's
+        compiled graph cannot take shared statistics)."""
+        if max(image.shape[:2]) <= tile:
+            return self.translate_many([image])[0]
+        if self._shared is None:
+            if self.backend != "torch":
+                log.info("tiled painting runs on torch in fp32: the %s backend cannot share normalisation "
+                         "statistics between tiles", self.backend)
+            self._shared = SharedStatistics(self._generator).to(self.device)
+        painting, finite = paint_tiled(self._shared, image, tile, overlap, thumb_side, self.size_multiple,
+                                       self.device, self._lock)
+        if not finite:
+            raise NonFiniteOutput(_NON_FINITE)
+        return painting
 
     def translate_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Translate a uint8 array of shape (N, H, W, 3) of same-size RGB images; returns the same shape."""
