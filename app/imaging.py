@@ -15,13 +15,14 @@ from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadImage, TooLarge, UnsupportedMedia
 from model.codecs import FORMATS
-from model.images import draft_for, fitted_size, prepare
+from model.images import HEIF, draft_for, fitted_size, prepare  # noqa: F401 (importing it registers HEIF)
 
 # The flattest possible JPEG (one grey, progressive, optimised Huffman) still needs about 1 bit per 8x8 block,
 # 0.015 bits per pixel; a file with less than 0.01 bits per pixel cannot hold its declared image.
 JPEG_MIN_BYTES_PER_PIXEL_INV = 800
-ACCEPTED_INPUTS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"}
-SUPPORTED = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+ACCEPTED_INPUTS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF", "AVIF"}
+SUPPORTED = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, BMP, TIFF or GIF"
+READABLE = {"HEIC", "HEIF", "AVIF"}  # formats sniff_format names that Pillow (with pillow-heif) does read
 # ISO-BMFF brands (bytes 8-12 after "ftyp") of the phone formats Pillow cannot open on its own
 _BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"mif1": "HEIF",
            b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
@@ -116,7 +117,9 @@ def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        if (kind := sniff_format(data)) is not None:
+        if (kind := sniff_format(data)) in READABLE:
+            raise BadImage(f"the {kind} image is damaged and cannot be read") from None
+        if kind is not None:
             raise UnsupportedMedia(f"{kind} images are not supported; send {SUPPORTED}") from None
         raise BadImage(f"the body is not an image that can be read (send {SUPPORTED})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
