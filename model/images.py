@@ -1,8 +1,10 @@
 """Turning whatever image a user has into an upright 8-bit RGB image, and back into bytes."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 try:  # HEIC/HEIF (phones' default format) through libheif; optional so model/ runs where it is not installed
     import pillow_heif
@@ -27,6 +29,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block should not cost the user their picture
         pass
+    image = to_srgb(image)
     mode = image.mode
     if mode in _HIGH_DEPTH_MODES:
         arr = np.asarray(image, dtype=np.float32)
@@ -46,6 +49,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode != "RGB":
         return image.convert("RGB")
     return image
+
+
+def to_srgb(image: Image.Image) -> Image.Image:
+    """An RGB or CMYK image with an embedded ICC profile (Display P3 from phones, Adobe RGB from cameras, a
+    printer's CMYK) converted to sRGB, the space the generator was trained in; others as they are. A profile
+    LittleCMS cannot read leaves the pixels unconverted rather than costing the user their picture."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in ("RGB", "CMYK"):
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if image.mode == "RGB" and ImageCms.getProfileDescription(source).strip().lower().startswith("srgb"):
+            return image  # already sRGB: skip the transform
+        return ImageCms.profileToProfile(image, source, _SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return image
+
+
+_SRGB = ImageCms.createProfile("sRGB")
 
 
 def fitted_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:

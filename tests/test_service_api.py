@@ -150,6 +150,23 @@ def heif_bytes(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def test_a_display_p3_photo_is_converted_to_srgb_before_painting(client):
+    from model.images import to_rgb
+    from tests.conftest import display_p3_profile
+
+    flat = Image.new("RGB", (64, 48), (200, 60, 40))
+    tagged = io.BytesIO()
+    flat.save(tagged, "JPEG", quality=95, icc_profile=display_p3_profile())
+    plain = io.BytesIO()
+    flat.save(plain, "JPEG", quality=95)
+    r, g, b = to_rgb(Image.open(io.BytesIO(tagged.getvalue()))).getpixel((32, 24))
+    r0, g0, b0 = to_rgb(Image.open(io.BytesIO(plain.getvalue()))).getpixel((32, 24))
+    assert r > r0 + 8 and g < g0 - 5, ((r, g, b), (r0, g0, b0))  # P3's red is redder than sRGB's
+    a = np.asarray(decoded(client.post("/translate", content=tagged.getvalue(), headers={"content-type": "image/jpeg"})))
+    c = np.asarray(decoded(client.post("/translate", content=plain.getvalue(), headers={"content-type": "image/jpeg"})))
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 2  # the service paints the converted colours
+
+
 @pytest.mark.parametrize("fmt, media, forged_status", [("HEIF", "image/heic", 413), ("AVIF", "image/avif", 400)])
 def test_phone_formats_get_their_painting_and_a_forged_header_is_refused_before_decoding(client, fmt, media,
                                                                                         forged_status):
