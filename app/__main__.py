@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
-import asyncio
 import threading
 import time
 
@@ -54,7 +54,7 @@ class DrainingServer(uvicorn.Server):
     After ``drain_s`` (time for load balancers to notice) uvicorn stops accepting, closes the connections idle
     between requests, lets the requests it has finish within MONET_SHUTDOWN_GRACE_S, and the process exits 0."""
 
-    def __init__(self, config: uvicorn.Config, service, drain_s: float, protocol=None):
+    def __init__(self, config: uvicorn.Config, service, drain_s: float, protocol: type):
         super().__init__(config)
         self.service, self.drain_s, self.protocol = service, drain_s, protocol
 
@@ -75,7 +75,7 @@ class DrainingServer(uvicorn.Server):
         ``drain_s``): closing it resets the connections the kernel has accepted but the server not yet taken,
         and a client that connected a moment ago is sending its request on one of those."""
         deadline = time.monotonic() + self.drain_s
-        while self.protocol is not None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             await asyncio.sleep(QUIET_S / 10)
             await asyncio.sleep(0)  # let the accepts that are ready run their connection_made
             if time.monotonic() - self.protocol.last_opened >= QUIET_S:

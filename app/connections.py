@@ -91,9 +91,9 @@ class GuardedProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _headers_too_slow(self) -> None:
+    def _headers_too_slow(self) -> None:  # armed only while no request's headers are complete
         self._header_timer = None
-        if not self.transport.is_closing() and (self._receiving or self._requests == 0):
+        if not self.transport.is_closing():
             self._refuse(408, "Request Timeout", "header_timeout",
                          f"the request line and headers did not arrive within {self.header_timeout_s:g} s")
 
@@ -114,16 +114,12 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.drain is not None and self.drain.draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answered with Connection: close, then closed
 
-    def _last_request(self) -> None:
+    def last_request(self) -> None:
         """The request in progress (if any) is this connection's last: its answer says Connection: close.
-        Not once its headers are out without it: the client would reuse a connection the server then closes."""
+        Not once its headers are out without it: the client would reuse a connection the server then closes
+        (then the next request on the connection gets it, from on_headers_complete)."""
         if self.cycle is not None and not self.cycle.response_started:
             self.cycle.keep_alive = False
-
-    def start_draining(self) -> None:
-        """SIGTERM: the request in progress is answered with Connection: close when its answer has not begun;
-        else the next request on the connection is."""
-        self._last_request()
 
     def shutdown(self) -> None:
         """The server stops: close now only between requests. A request that began arriving is answered first
@@ -138,7 +134,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.cycle is None or self.cycle.response_complete:
             self.transport.close()
         else:
-            self._last_request()  # uvicorn's own shutdown turns keep-alive off even after the headers went out
+            self.last_request()  # uvicorn's own shutdown turns keep-alive off even after the headers went out
 
     def _close_if_silent(self) -> None:
         if not self._receiving and self._requests == 0 and not self.transport.is_closing():
@@ -159,4 +155,4 @@ def start_draining(connections) -> None:
     """Mark every open connection's request in progress as the last on its connection."""
     for c in list(connections):
         if isinstance(c, GuardedProtocol):
-            c.start_draining()
+            c.last_request()

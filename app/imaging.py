@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadImage, TooLarge, UnsupportedMedia
 from model.codecs import FORMATS
-from model.images import HEIF, draft_for, fitted_size, prepare  # noqa: F401 (importing it registers HEIF)
+from model.images import draft_for, fitted_size, prepare  # model.images registers the HEIF opener
 
 # The flattest possible JPEG (one grey, progressive, optimised Huffman) still needs about 1 bit per 8x8 block,
 # 0.015 bits per pixel; a file with less than 0.01 bits per pixel cannot hold its declared image.
@@ -23,7 +23,7 @@ JPEG_MIN_BYTES_PER_PIXEL_INV = 800
 ACCEPTED_INPUTS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF", "AVIF"}
 SUPPORTED = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, BMP, TIFF or GIF"
 READABLE = {"HEIC", "HEIF", "AVIF"}  # formats sniff_format names that Pillow (with pillow-heif) does read
-# ISO-BMFF brands (bytes 8-12 after "ftyp") of the phone formats Pillow cannot open on its own
+# ISO-BMFF brands (bytes 8-12 after "ftyp") of the phone formats, named when a file of theirs does not open
 _BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"mif1": "HEIF",
            b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
 

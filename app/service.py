@@ -53,12 +53,16 @@ class PaintingService:
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
         self.decode_budget = DecodeBudget(settings.decode_budget_bytes)
-        self.draining = False  # set on SIGTERM: finish what was accepted, take nothing new
-        self.drain_started = float("inf")  # time.monotonic() of the SIGTERM
+        # time.monotonic() of the SIGTERM: finish what arrived before it, take nothing new
+        self.drain_started = float("inf")
         self._loading: asyncio.Task | None = None
 
     def start_draining(self) -> None:
-        self.draining, self.drain_started = True, time.monotonic()
+        self.drain_started = time.monotonic()
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_started != float("inf")
 
     def readiness(self, arrived: float | None = None) -> NotReady | Busy | None:
         """None when this replica serves a request that ``arrived`` then (time.monotonic(); None: now); else

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn import functional as F
+
+from model.padding import pad_images, padding_for
 
 
 class SharedInstanceNorm(nn.Module):
@@ -91,14 +92,13 @@ def ramp(length: int, start: int, n: int, overlap: int) -> np.ndarray:
 
 
 def _to_input(pixels: np.ndarray, multiple: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """uint8 (H, W, 3) -> float (1, 3, H', W') in [-1, 1], reflect-padded at the bottom and right to a multiple."""
+    """uint8 (H, W, 3) -> float (1, 3, H', W') in [-1, 1], padded as the translator pads its batches
+    (``padding_for``); with the (top, left) offset of the image inside the padded input."""
     h, w = pixels.shape[:2]
-    pixels = np.ascontiguousarray(pixels) if pixels.flags.writeable else np.array(pixels)
-    x = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
-    return x, h, w
+    top, bottom, left, right, mode = padding_for(h, w, multiple)
+    padded = pad_images(pixels[None], top, bottom, left, right, mode)  # indexing copies: writable, contiguous
+    x = torch.from_numpy(padded).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, top, left
 
 
 def thumbnail(image: np.ndarray, side: int) -> np.ndarray:
@@ -140,9 +140,9 @@ def paint_tiled(net: SharedStatistics, image: np.ndarray, tile: int, overlap: in
         wy = ramp(th, y0, h, overlap)
         for x0 in cols:
             tw = min(tile, w - x0)
-            t, _, _ = _to_input(image[y0 : y0 + th, x0 : x0 + tw], multiple, device)
+            t, top, left = _to_input(image[y0 : y0 + th, x0 : x0 + tw], multiple, device)
             with lock:
-                y = net(t)[0, :, :th, :tw].float()
+                y = net(t)[0, :, top : top + th, left : left + tw].float()
             finite = finite and bool(torch.isfinite(y.sum()))
             painted = ((y.permute(1, 2, 0) + 1.0) * 127.5).cpu().numpy()
             win = (wy[:, None] * ramp(tw, x0, w, overlap)[None, :])[..., None]

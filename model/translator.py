@@ -18,6 +18,7 @@ from torch import nn
 
 from model.backends import make_backend, resolve_backend
 from model.images import prepare
+from model.padding import pad_images, padding_for
 from model.runtime import pick_dtype, resolve_device, use_cpu_threads
 from model.tiling import SharedStatistics, paint_tiled
 from model.weights import GeneratorInfo, load_generator
@@ -33,32 +34,6 @@ class NonFiniteOutput(RuntimeError):
 
 
 _NON_FINITE = "the generator produced non-finite values (NaN or Inf); its weights are unusable"
-
-
-def padding_for(h: int, w: int, multiple: int) -> tuple[int, int, int, int, str]:
-    """(top, bottom, left, right, mode) that bring an h x w image to a multiple of ``multiple``."""
-    least = -(-16 // multiple) * multiple  # instance norm needs more than one pixel at the bottleneck
-    ph, pw = max((-h) % multiple, least - h), max((-w) % multiple, least - w)
-    return ph // 2, ph - ph // 2, pw // 2, pw - pw // 2, "reflect" if ph < h and pw < w else "replicate"
-
-
-def _pad_index(n: int, before: int, after: int, mode: str) -> np.ndarray:
-    """Source indices along one axis that pad ``n`` positions by ``before`` and ``after`` (reflect without
-    repeating the edge, as numpy and torch do; or replicate the edge)."""
-    i = np.arange(-before, n + after)
-    if mode == "reflect":
-        i = np.abs(i)
-        return np.where(i > n - 1, 2 * (n - 1) - i, i)
-    return np.clip(i, 0, n - 1)
-
-
-def pad_images(batch, top: int, bottom: int, left: int, right: int, mode: str):
-    """A uint8 (N, H, W, 3) numpy array or tensor padded in height and width (the same kind back)."""
-    h, w = batch.shape[1:3]
-    rows, cols = _pad_index(h, top, bottom, mode), _pad_index(w, left, right, mode)
-    if isinstance(batch, torch.Tensor):
-        rows, cols = torch.from_numpy(rows).to(batch.device), torch.from_numpy(cols).to(batch.device)
-    return batch[:, rows][:, :, cols]
 
 
 class Translator:
@@ -120,10 +95,11 @@ class Translator:
         in tiles (``translate_tiled``); the rest together in batches."""
         arrays = [np.asarray(prepare(img, max_side), dtype=np.uint8) for img in images]
         out: list = [None] * len(arrays)
-        small = [i for i, a in enumerate(arrays) if not tile or max(a.shape[:2]) <= tile]
+        large = {i for i, a in enumerate(arrays) if tile and max(a.shape[:2]) > tile}
+        small = [i for i in range(len(arrays)) if i not in large]
         for i, painting in zip(small, self.translate_many([arrays[i] for i in small])):
             out[i] = painting
-        for i in set(range(len(arrays))) - set(small):
+        for i in large:
             out[i] = self.translate_tiled(arrays[i], tile)
         return [Image.fromarray(p, "RGB") for p in out]
 
