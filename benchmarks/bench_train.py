@@ -5,12 +5,27 @@
 The baseline is the reference implementation's shape: the same networks and losses, eager fp32,
 batch 1, the six generator calls and four discriminator calls made one by one, no tuning.
 Both run in this process at 256x256 (--image-size) on random images.
+
+    python -m benchmarks.bench_train --end-to-end --photos DIR --paintings DIR [--against REV] [--steps 60]
+
+End to end: times ``python -m training.fit`` itself on real folders (data loading, logging and the final
+checkpoint included, validation off) with the recipe fixed by RECIPE, so the figure holds whatever the
+presets say. With ``--against REV`` the same command also runs from a git worktree of REV (e.g. the previous
+main), alternating with ours, and the ratio is printed. Two figures per run: the steady rate (the logged
+images/s after the first interval, which holds the start-up) and the whole process's steps per wall second.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F_
@@ -72,8 +87,68 @@ def measure(step, batch, device, steps, size=256, warmup=2):
     return steps * batch / (time.perf_counter() - start)
 
 
+RECIPE = ("--preset cpu --model fastcut --ngf 32 --n-blocks 6 --ndf 64 --image-size 128 --batch-size 4 "
+          "--diffaugment color,translation,cutout --ema 0.999").split()
+
+
+def fit_run(root: Path, photos: str, paintings: str, steps: int, extra: list[str]) -> dict:
+    """One ``training.fit`` run of RECIPE from the checkout at ``root``, in a fresh run folder."""
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as out:
+        cmd = [sys.executable, "-m", "training.fit", "--photos", str(Path(photos).resolve()),
+               "--paintings", str(Path(paintings).resolve()), "--out", out,
+               *RECIPE, "--eval-every", "0", "--log-every", str(max(1, steps // 4)), "--stop-at-step", str(steps),
+               "--no-export", *extra]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        started = time.perf_counter()
+        done = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"training.fit in {root} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        wall = time.perf_counter() - started
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
+    batch = int(RECIPE[RECIPE.index("--batch-size") + 1])
+    return {"steady_steps_per_s": statistics.mean(rates) / batch, "wall_steps_per_s": steps / wall}
+
+
+def end_to_end(args) -> None:
+    here = Path(__file__).resolve().parents[1]
+    roots = {"ours": here}
+    worktree = None
+    if args.against:
+        worktree = Path(tempfile.mkdtemp(prefix="bench_train_rev_"))
+        subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(worktree), args.against],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        roots = {f"main ({args.against})": worktree, "ours": here}
+    extra = args.fit_args.split() if args.fit_args else []
+    results: dict[str, list[dict]] = {name: [] for name in roots}
+    try:
+        for _ in range(args.repeats):  # alternate, so that drift in the machine's speed hits both alike
+            for name, root in roots.items():
+                results[name].append(fit_run(root, args.photos, args.paintings, args.steps, extra))
+                print(f"{name:<24} steady {results[name][-1]['steady_steps_per_s']:.3f} steps/s, "
+                      f"whole process {results[name][-1]['wall_steps_per_s']:.3f} steps/s", flush=True)
+    finally:
+        if worktree is not None:
+            subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(worktree)], check=False)
+    best = {name: {k: max(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    print(f"\nend to end, {args.steps} steps, best of {args.repeats}; {' '.join(RECIPE + extra)}")
+    first = next(iter(best))
+    for name, figures in best.items():
+        ratio = "" if name == first else (f"  {figures['steady_steps_per_s'] / best[first]['steady_steps_per_s']:.2f}x"
+                                          f" steady, {figures['wall_steps_per_s'] / best[first]['wall_steps_per_s']:.2f}x whole")
+        print(f"{name:<24} {figures['steady_steps_per_s']:.3f} steps/s steady, "
+              f"{figures['wall_steps_per_s']:.3f} whole process{ratio}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--end-to-end", action="store_true", help="time python -m training.fit on real folders")
+    p.add_argument("--photos", help="--end-to-end: photo folder")
+    p.add_argument("--paintings", help="--end-to-end: painting folder")
+    p.add_argument("--against", help="--end-to-end: also time this git revision (a worktree), alternating")
+    p.add_argument("--repeats", type=int, default=2, help="--end-to-end: runs of each")
+    p.add_argument("--fit-args", default="", help="--end-to-end: more training.fit flags, e.g. '--discriminator "
+                   "projected'")
     p.add_argument("--presets", default="cyclegan,kaggle")
     p.add_argument("--models", default="cyclegan,fastcut",
                    help="objectives to time as ours (cyclegan, cut, fastcut; CUT needs a resnet preset)")
@@ -84,6 +159,11 @@ def main():
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--small", action="store_true", help="tiny networks, for a smoke test of this script")
     args = p.parse_args()
+    if args.end_to_end:
+        if not (args.photos and args.paintings):
+            p.error("--end-to-end needs --photos and --paintings")
+        args.steps = args.steps if args.steps != 3 else 60
+        return end_to_end(args)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     sizes = [int(b) for b in (args.batch_sizes or ("1,8" if device.type == "cuda" else "1,4")).split(",")]

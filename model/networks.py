@@ -41,6 +41,22 @@ class _Described:
         return self.spec.size_multiple
 
 
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` (no running statistics) that keeps a channels-last input channels-last.
+
+    PyTorch's instance norm reshapes its input to one batch-norm "batch" of N*C channels, which for an NHWC
+    tensor means two full copies per layer, forward and backward. On such an input this computes the same
+    statistics with ``group_norm`` (one group per channel), whose CPU and CUDA kernels work on NHWC in place.
+    Training runs channels-last (training/parts.py); a contiguous (NCHW) input takes PyTorch's own path, so
+    inference is unchanged. Parameters and state-dict keys are nn.InstanceNorm2d's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not self.track_running_stats and not x.is_contiguous() \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            return nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class ResnetBlock(nn.Module):
     """Two reflection-padded 3x3 convolutions with instance norm, added to the input."""
 
@@ -49,11 +65,11 @@ class ResnetBlock(nn.Module):
         self.conv_block = nn.Sequential(
             nn.ReflectionPad2d(1),
             nn.Conv2d(dim, dim, 3, bias=True),
-            nn.InstanceNorm2d(dim),
+            InstanceNorm2d(dim),
             nn.ReLU(True),
             nn.ReflectionPad2d(1),
             nn.Conv2d(dim, dim, 3, bias=True),
-            nn.InstanceNorm2d(dim),
+            InstanceNorm2d(dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,14 +95,14 @@ class ResnetGenerator(_Described, nn.Module):
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(input_nc, ngf, 7, bias=True),
-            nn.InstanceNorm2d(ngf),
+            InstanceNorm2d(ngf),
             nn.ReLU(True),
         ]
         for i in range(2):
             mult = 2**i
             layers += [
                 nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=True),
-                nn.InstanceNorm2d(ngf * mult * 2),
+                InstanceNorm2d(ngf * mult * 2),
                 nn.ReLU(True),
             ]
         layers += [ResnetBlock(ngf * 4) for _ in range(n_blocks)]
@@ -100,7 +116,7 @@ class ResnetGenerator(_Described, nn.Module):
                                    nn.ReflectionPad2d(1), nn.Conv2d(ngf * mult, ngf * mult // 2, 3, bias=True))
             layers += [
                 up,
-                nn.InstanceNorm2d(ngf * mult // 2),
+                InstanceNorm2d(ngf * mult // 2),
                 nn.ReLU(True),
             ]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
@@ -168,7 +184,7 @@ class InferenceGenerator(_Described, nn.Sequential):
 def _down(in_ch: int, out_ch: int, norm: bool) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1, bias=not norm)]
     if norm:
-        layers.append(nn.InstanceNorm2d(out_ch, affine=True))
+        layers.append(InstanceNorm2d(out_ch, affine=True))
     layers.append(nn.LeakyReLU(0.2, True))
     return nn.Sequential(*layers)
 
@@ -176,7 +192,7 @@ def _down(in_ch: int, out_ch: int, norm: bool) -> nn.Sequential:
 def _up(in_ch: int, out_ch: int, dropout: bool) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),
-        nn.InstanceNorm2d(out_ch, affine=True),
+        InstanceNorm2d(out_ch, affine=True),
     ]
     if dropout:
         layers.append(nn.Dropout(0.5))
@@ -231,7 +247,7 @@ class PatchDiscriminator(nn.Module):
             stride = 2 if n < n_layers else 1
             layers += [
                 nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=True),
-                nn.InstanceNorm2d(ndf * mult),
+                InstanceNorm2d(ndf * mult),
                 nn.LeakyReLU(0.2, True),
             ]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))

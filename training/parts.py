@@ -62,9 +62,9 @@ class Networks:
                  world_size: int = 1):
         self.cfg, self.device = cfg, device
         self.gens, self.discs = gens.to(device), discs.to(device)
-        if device.type == "cuda":
-            self.gens.to(memory_format=torch.channels_last)
-            self.discs.to(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.gens.to(memory_format=self.memory_format)
+        self.discs.to(memory_format=self.memory_format)
         # lr for a global batch of 1, scaled by sqrt(global batch) (Adam-friendly rule, README)
         lr = cfg.lr * math.sqrt(cfg.batch_size * world_size)
         fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -100,7 +100,7 @@ class Networks:
         x = images.to(self.device, non_blocking=True)
         if not x.is_floating_point():
             x = x.float().div_(127.5).sub_(1.0)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return x.contiguous(memory_format=self.memory_format)
 
     def update(self, loss: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
         """Backward ``loss`` (scaled in fp16) and step ``optimiser``."""

@@ -1,0 +1,62 @@
+"""The faster training step computes what the previous one did: channels-last networks with the NHWC
+instance norm follow the NCHW step's losses, from the same seed, within the noise that bf16 autocast adds."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.networks import InstanceNorm2d
+from training.config import preset_config
+from training.cut import CUT
+
+STEPS = 50
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_on_channels_last_matches_pytorchs_forward_and_backward(affine):
+    torch.manual_seed(0)
+    norm = InstanceNorm2d(6, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(1.0, 0.3)
+            norm.bias.normal_(0.0, 0.3)
+    x = torch.randn(3, 6, 10, 12) * 3 + 1
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    y_cl = norm(x_cl)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)  # no copy back to NCHW
+    y_ref = F.instance_norm(x_ref, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+    assert torch.allclose(y_cl, y_ref, atol=1e-5)
+    g = torch.randn_like(y_ref)
+    grads_cl = torch.autograd.grad(y_cl, [x_cl, *norm.parameters()], g)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *norm.parameters()], g)
+    for a, b in zip(grads_cl, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def losses(channels_last: bool, precision: str) -> torch.Tensor:
+    """STEPS FastCUT updates of the issue's recipe (networks shrunk for CI), on fixed random batches; the losses
+    [G_gan, nce, D_monet] of every step."""
+    cfg = preset_config("cpu", ngf=8, n_blocks=2, ndf=16, image_size=32, batch_size=4, num_patches=64,
+                        channels_last=channels_last, precision=precision)
+    assert cfg.model == "fastcut" and cfg.diffaugment and cfg.ema
+    torch.manual_seed(0)
+    objective = CUT(cfg, torch.device("cpu"), total_steps=1000)
+    data = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(STEPS):
+        photo = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=data)
+        monet = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=data)
+        out.append(objective.step(objective.nets.to_input(photo), objective.nets.to_input(monet)))
+    return torch.stack(out)
+
+
+def test_channels_last_step_follows_the_nchw_step_within_bf16_noise():
+    nchw = losses(channels_last=False, precision="fp32")  # the previous main's step
+    ours = losses(channels_last=True, precision="fp32")
+    bf16 = losses(channels_last=False, precision="bf16")
+    assert torch.isfinite(ours).all()
+    ours_gap = (ours - nchw).abs().mean(dim=0)  # per loss, over the 50 steps
+    bf16_gap = (bf16 - nchw).abs().mean(dim=0)
+    assert (ours_gap <= bf16_gap).all(), (ours_gap, bf16_gap)
+    # the first steps, before the updates amplify rounding (as any GAN's do), agree to fp32 rounding
+    assert torch.allclose(ours[:3], nchw[:3], rtol=1e-4, atol=1e-5)
