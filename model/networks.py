@@ -42,16 +42,17 @@ class _Described:
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):
-    """``nn.InstanceNorm2d`` (no running statistics) that keeps a channels-last input channels-last.
+    """``nn.InstanceNorm2d`` (no running statistics) that keeps a channels-last input channels-last in training.
 
     PyTorch's instance norm reshapes its input to one batch-norm "batch" of N*C channels, which for an NHWC
-    tensor means two full copies per layer, forward and backward. On such an input this computes the same
-    statistics with ``group_norm`` (one group per channel), whose CPU and CUDA kernels work on NHWC in place.
-    Training runs channels-last (training/parts.py); a contiguous (NCHW) input takes PyTorch's own path, so
-    inference is unchanged. Parameters and state-dict keys are nn.InstanceNorm2d's."""
+    tensor means two full copies per layer, forward and backward. On such an input, in training mode, this
+    computes the same statistics with ``group_norm`` (one group per channel), whose CPU and CUDA kernels work on
+    NHWC in place (training/parts.py runs channels-last). In eval mode it is PyTorch's own layer whatever the
+    layout, so inference, and the graphs that OpenVINO and CUDA graphs capture from it, are unchanged.
+    Parameters and state-dict keys are nn.InstanceNorm2d's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and not self.track_running_stats and not x.is_contiguous() \
+        if self.training and x.dim() == 4 and not self.track_running_stats and not x.is_contiguous() \
                 and x.is_contiguous(memory_format=torch.channels_last):
             return nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
         return super().forward(x)

@@ -14,7 +14,7 @@ STEPS = 50
 @pytest.mark.parametrize("affine", [False, True])
 def test_instance_norm_on_channels_last_matches_pytorchs_forward_and_backward(affine):
     torch.manual_seed(0)
-    norm = InstanceNorm2d(6, affine=affine)
+    norm = InstanceNorm2d(6, affine=affine).train()
     if affine:
         with torch.no_grad():
             norm.weight.normal_(1.0, 0.3)
@@ -31,6 +31,15 @@ def test_instance_norm_on_channels_last_matches_pytorchs_forward_and_backward(af
     grads_ref = torch.autograd.grad(y_ref, [x_ref, *norm.parameters()], g)
     for a, b in zip(grads_cl, grads_ref):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_in_eval_mode_the_norm_is_pytorchs_own_layer_so_inference_graphs_are_unchanged():
+    """OpenVINO traces the generator from uint8 NHWC images permuted to NCHW (a channels-last view): in eval
+    mode that must still export as instance norm (MVN), not as group norm."""
+    norm = InstanceNorm2d(4).eval()
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    graph = torch.jit.trace(norm, x).inlined_graph
+    assert "instance_norm" in str(graph) and "group_norm" not in str(graph)
 
 
 def losses(channels_last: bool, precision: str) -> torch.Tensor:
