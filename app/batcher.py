@@ -19,7 +19,7 @@ import numpy as np
 
 from app.errors import Busy, ClientClosed, TimedOut
 from app.imaging import release_free_memory
-from model.translator import Translator
+from model.translator import PaintingStopped, Translator
 
 IDLE_TRIM_S = 1.0  # after this long with an empty queue, freed memory goes back to the OS (once per idle spell)
 
@@ -44,12 +44,22 @@ class Timing:
 
 
 @dataclass
+class Large:
+    """How a large image is painted (``Translator.paint``): at ``stroke_scale``, in tiles of ``tile``, brought
+    back to full size with ``upsampler``."""
+    stroke_scale: float
+    tile: int
+    upsampler: str
+
+
+@dataclass
 class _Job:
     image: np.ndarray
     deadline: float
     gone: Callable[[], Awaitable[bool]] | None
     future: asyncio.Future
     slot: "Slot"
+    large: Large | None = None  # None: painted pixel for pixel in a batch
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -65,11 +75,14 @@ class Slot:
             self.batcher.admitted -= 1
 
     async def submit(self, image: np.ndarray, timeout_s: float,
-                     gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[np.ndarray, "Timing"]:
+                     gone: Callable[[], Awaitable[bool]] | None = None,
+                     large: Large | None = None) -> tuple[np.ndarray, "Timing"]:
         """Queue one RGB uint8 image; returns the painting and its timings. Raises DeadlineExceeded after
-        ``timeout_s``, ClientGone when ``gone()`` says the client left while queued."""
+        ``timeout_s``, ClientGone when ``gone()`` says the client left while queued. With ``large``, the image
+        is painted on its own (``Translator.paint``), beside the batches: between two of its tiles the model
+        serves the batch waiting, so small requests never wait for a whole large painting."""
         loop = asyncio.get_running_loop()
-        job = _Job(image, time.perf_counter() + timeout_s, gone, loop.create_future(), self)
+        job = _Job(image, time.perf_counter() + timeout_s, gone, loop.create_future(), self, large)
         self.batcher.queue.put_nowait(job)
         self.batcher._depth()
         try:
@@ -91,22 +104,27 @@ class Batcher:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()  # bounded by admission
         self.metrics = metrics
         self._worker: asyncio.Task | None = None
+        self._large_worker: asyncio.Task | None = None
+        self.large: asyncio.Queue[_Job] = asyncio.Queue()  # taken from the queue, painted one at a time
         self._dirty = False  # work ran since the last trim
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="batcher")
+        self._large_worker = asyncio.create_task(self._run_large(), name="large-paintings")
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
-        while not self.queue.empty():
-            job = self.queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(QueueFull("the service is shutting down"))
+        for worker in (self._worker, self._large_worker):
+            if worker is not None:
+                worker.cancel()
+                try:
+                    await worker
+                except asyncio.CancelledError:
+                    pass
+        for queue in (self.queue, self.large):
+            while not queue.empty():
+                job = queue.get_nowait()
+                if not job.future.done():
+                    job.future.set_exception(QueueFull("the service is shutting down"))
 
     def full(self) -> QueueFull | None:
         """The refusal a request gets now, when ``queue_size`` are admitted; else None."""
@@ -203,6 +221,10 @@ class Batcher:
             if finished and self.queue.empty():
                 self._deliver(finished)
             jobs = await self._live(await self._gather())
+            for job in jobs:
+                if job.large is not None:
+                    self.large.put_nowait(job)
+            jobs = [job for job in jobs if job.large is None]
             if not jobs:
                 continue
             started = time.perf_counter()  # the translator groups same-size images into forward passes
@@ -213,6 +235,25 @@ class Batcher:
             except Exception as exc:  # keep serving: this batch fails, the next one runs
                 out = exc
             finished.append((jobs, out, started, (time.perf_counter() - started) * 1000))
+
+    async def _run_large(self) -> None:
+        """Paint the large jobs one at a time (one full-size image's buffers in memory at once), each in a
+        worker thread that takes the model's (first-come) lock per tile; a job whose request gave up (deadline,
+        client gone) stops at its next tile."""
+        while True:
+            job = await self.large.get()
+            if not (await self._live([job])):
+                continue
+            large, started = job.large, time.perf_counter()
+            try:
+                painting = await asyncio.to_thread(self.translator.paint, job.image, large.stroke_scale, large.tile,
+                                                   large.upsampler, job.future.done)
+                out: list | Exception = [painting]
+            except PaintingStopped:
+                continue
+            except Exception as exc:
+                out = exc
+            self._deliver([([job], out, started, (time.perf_counter() - started) * 1000)])
 
     def _deliver(self, finished: list) -> None:
         for group, out, started, compute_ms in finished:

@@ -29,14 +29,20 @@ class Settings(BaseSettings):
     upload_timeout_s: float = Field(30.0, gt=0, description="a body must arrive within this time (408 after)")
     upload_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1,
                                      description="bytes all unfinished uploads may hold together (503 past it)")
-    max_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
+    max_pixels: int = Field(50_000_000, ge=1, description="width x height limit, checked before decoding (50 MP: a "
+                            "48 MP phone photo)")
     decode_budget_bytes: int = Field(512 * 1024 * 1024, ge=1,
                                      description="memory that image decodes in progress may hold together; "
                                                  "decodes past it wait their turn")
     max_batch_pixels: int = Field(2 * 1024 * 1024, ge=1, description="pixels per forward pass at 16-bit "
                                   "precision, half that in fp32 (at least one image): bounds activation memory "
                                   "for large images")
-    max_side: int = Field(1024, ge=16, description="larger uploads are downscaled to this longer side")
+    max_side: int = Field(0, ge=0, description="an operator's cap: larger uploads are downscaled to this longer side "
+                          "before painting (0: none, the painting has the upload's full size)")
+    tile: int = Field(1024, ge=64, description="a painting with a side over this is made in overlapping tiles of "
+                      "this side that share one set of normalisation statistics: memory follows the tile")
+    upsampler: Literal["guided", "lanczos"] = Field("guided", description="how a painting made at a stroke scale "
+                                                    "over 1 comes back to full size")
     default_format: Literal["png", "jpeg", "webp"] = "png"
     ui: bool = Field(True, description="mount the Gradio UI at /ui")
     ui_cache_ttl_s: int = Field(900, ge=1, description="the UI's uploads and results are deleted after this age")

@@ -210,13 +210,16 @@ _malloc_trim = _find_malloc_trim()
 
 def blend(photo: np.ndarray, painting: np.ndarray, strength: float) -> np.ndarray:
     """``strength`` 1 gives the painting, 0 the photo, in between a linear mix (after the network, so it
-    costs no second pass)."""
+    costs no second pass), 256 rows at a time: a full-size photo's float copies never exist whole."""
     if strength >= 1.0:
         return painting
     if strength <= 0.0:
         return photo
-    mixed = photo.astype(np.float32) * (1.0 - strength) + painting.astype(np.float32) * strength
-    return np.rint(mixed).astype(np.uint8)
+    out = np.empty_like(painting)
+    for y in range(0, photo.shape[0], 256):
+        mixed = photo[y : y + 256].astype(np.float32) * (1.0 - strength) + painting[y : y + 256] * np.float32(strength)
+        out[y : y + 256] = np.rint(mixed)
+    return out
 
 
 def encode(array: np.ndarray, fmt: str) -> bytes:

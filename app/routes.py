@@ -44,7 +44,10 @@ def service_of(request: Request) -> PaintingService:
 async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | None = Query(
         None, description="output format; otherwise chosen from the Accept header (default png)"),
         strength: float = Query(1.0, ge=0.0, le=1.0, description="how much painting: 1 the painting, 0 the photo, "
-                                "in between a blend of the two")) -> Response:
+                                "in between a blend of the two"),
+        stroke_scale: float | None = Query(None, ge=1.0, le=64.0, description="paint at 1/stroke_scale of the "
+                                           "size and bring the painting back to full size, for strokes that many "
+                                           "times larger; default: the longer side / 1024, at least 1")) -> Response:
     """Paint the uploaded photo in Monet's style (multipart field `image`, or a raw image/* body)."""
     service = service_of(request)
     arrived = getattr(request.state, "arrived", None)  # stamped by the middleware as the request came in
@@ -56,7 +59,7 @@ async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | N
     # the body is read before any 503: a drain's answer closes the connection, and closing on unread bytes
     # resets it (the client would see the reset, not the answer)
     painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength,
-                                   arrived=arrived)
+                                   arrived=arrived, stroke_scale=stroke_scale)
     t = painting.timing
     return Response(painting.data, media_type=painting.media_type, headers={
         "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),

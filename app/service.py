@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from app.batcher import Batcher, Timing
+from app.batcher import Batcher, Large, Timing
 from app.config import Settings
 from app.errors import Busy, ClientClosed, NotReady
-from app.imaging import FAST_PNG, FORMATS, DecodeBudget, blend, encode, finish_decode, open_upload
+from app.imaging import FAST_PNG, FORMATS, DecodeBudget, Opened, blend, encode, finish_decode, open_upload
 from app.observability import Metrics
+from model.images import fitted_size
+from model.stroke import default_stroke_scale
 from model.translator import Translator
 
 log = logging.getLogger("monet.service")
@@ -125,21 +127,30 @@ class PaintingService:
             "backend": t.backend if t is not None else None,
             "batching": {"max_batch_size": s.max_batch_size, "max_batch_wait_ms": s.max_batch_wait_ms,
                          "queue_size": s.queue_size, "request_timeout_s": s.request_timeout_s},
+            "painting": {"tile": s.tile, "upsampler": s.upsampler, "default_stroke_scale": "longer side / 1024, "
+                         "at least 1"},
             "limits": {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
                        "decode_budget_bytes": s.decode_budget_bytes, "max_batch_pixels": s.max_batch_pixels},
         }
 
     async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0,
-                    arrived: float | None = None) -> Painting:
+                    arrived: float | None = None, stroke_scale: float | None = None) -> Painting:
         """Admit the request (which ``arrived`` then: time.monotonic()), then decode ``data``, translate it through
-        the batcher, blend ``strength`` of the painting with the photo, encode as ``fmt``. Raises a Refusal
+        the batcher, blend ``strength`` of the painting with the photo, encode as ``fmt``. ``stroke_scale``: paint
+        at 1/s of the size and bring it back (None: the image's default, model/stroke.py). Raises a Refusal
         (app.errors) or NonFiniteOutput."""
         if (refusal := self.readiness(arrived)) is not None:
             raise refusal
         s = self.settings
         with self.batcher.slot() as slot:  # admitted before any decode: under overload a 503 costs nothing
             started = time.perf_counter()
-            image = await self._decode(data)
+            opened = open_upload(data, s.max_pixels, s.max_side)  # the header only: microseconds
+            w, h = fitted_size(opened.image.size, s.max_side)
+            scale = default_stroke_scale(w, h) if stroke_scale is None else max(1.0, stroke_scale)
+            if scale > 1.0 or max(w, h) > s.tile:
+                return await self._paint_large(opened, (w, h), Large(scale, s.tile, s.upsampler), slot, fmt, gone,
+                                               strength, started)
+            image = await self._decode(opened)
             decoded = time.perf_counter()
             result, timing = await slot.submit(image, s.request_timeout_s, gone)
         if gone is not None and await gone():  # left during compute: skip the encode nobody would read
@@ -152,11 +163,33 @@ class PaintingService:
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
 
-    async def _decode(self, data: bytes) -> np.ndarray:
-        """Check the header, wait for a share of the decode budget, decode. Raises BadImage, TooLarge,
-        UnsupportedMedia, or Busy when the budget stays taken past the request's deadline."""
+    async def _paint_large(self, opened: Opened, size: tuple[int, int], large: Large, slot, fmt: str, gone,
+                           strength: float, started: float) -> Painting:
+        """A full-size painting (``Translator.paint`` beside the batches): its whole life (decode, painting,
+        encode) holds its share of the decode budget, so that the full-size buffers of only so many large
+        images are in memory at once."""
         s = self.settings
-        opened = open_upload(data, s.max_pixels, s.max_side)  # the header only: microseconds
+        cost = opened.cost + size[0] * size[1] * 8  # + the painting (3 B/px), its encoding, the blend's strips
+        try:
+            async with self.decode_budget.hold(cost, s.request_timeout_s):
+                self.metrics.decodes.inc()
+                image = await run_in_threadpool(finish_decode, opened, s.max_side)
+                decoded = time.perf_counter()
+                result, timing = await slot.submit(image, s.request_timeout_s, gone, large)
+                if gone is not None and await gone():
+                    raise ClientClosed("the client closed the connection before its painting was ready")
+                computed = time.perf_counter()
+                body = await run_in_threadpool(lambda: encode(blend(image, result, strength), fmt))
+        except asyncio.TimeoutError:
+            opened.image.close()
+            raise Busy("the server is busy with other large images; retry shortly") from None
+        return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
+                        (time.perf_counter() - computed) * 1000)
+
+    async def _decode(self, opened: Opened) -> np.ndarray:
+        """Wait for a share of the decode budget, decode. Raises BadImage, or Busy when the budget stays taken
+        past the request's deadline."""
+        s = self.settings
         try:
             async with self.decode_budget.hold(opened.cost, s.request_timeout_s):
                 self.metrics.decodes.inc()
@@ -164,4 +197,5 @@ class PaintingService:
                     return finish_decode(opened, s.max_side)
                 return await run_in_threadpool(finish_decode, opened, s.max_side)
         except asyncio.TimeoutError:
+            opened.image.close()
             raise Busy("the server is busy decoding other large images; retry shortly") from None

@@ -25,6 +25,7 @@ from model.translator import NonFiniteOutput  # noqa: E402
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 FAVICON = Path(__file__).resolve().parent / "static" / "favicon.png"
 OUTPUTS = Path(tempfile.gettempdir()) / "monet-cyclegan-ui"
+PREVIEW_SIDE = 2048  # the before/after slider shows larger photos at this longer side
 log = logging.getLogger("monet.access")
 
 
@@ -56,7 +57,8 @@ def ui_painter(service: PaintingService):
     and the download; a refusal becomes a toast and one log line."""
     ttl = service.settings.ui_cache_ttl_s
 
-    async def paint(upload: dict | None, strength: float | None = 100):
+    async def paint(upload: dict | None, strength: float | None = 100, stroke: float | None = 0,
+                    progress=gr.Progress()):
         # the event runs with preprocess=False: gr.Image would open the file with PIL first and fail with
         # its own message; this way every upload gets the service's limits and messages, as on REST
         path = (upload or {}).get("path")
@@ -66,8 +68,10 @@ def ui_painter(service: PaintingService):
             return gr.skip(), gr.skip()
         data = Path(path).read_bytes()
         share = min(max(float(100 if strength is None else strength), 0.0), 100.0) / 100.0
+        scale = None if not stroke else min(max(float(stroke), 1.0), 8.0)  # 0: the image's default
+        progress(0.1, desc="Painting (a large photo takes a few seconds)")
         try:
-            painting = await service.paint(data, "png", strength=share)
+            painting = await service.paint(data, "png", strength=share, stroke_scale=scale)
         except (Refusal, NonFiniteOutput) as exc:
             log_ui(status_of(exc), detail_of(exc))
             raise gr.Error(detail_of(exc), print_exception=False) from None
@@ -76,8 +80,18 @@ def ui_painter(service: PaintingService):
         fd, name = tempfile.mkstemp(prefix="monet-", suffix=".png", dir=OUTPUTS)
         with os.fdopen(fd, "wb") as f:
             f.write(painting.data)
-        # the painting goes to the slider as the file just written: no second decode and re-encode
-        return (Image.fromarray(painting.source, "RGB"), name), name
+        progress(0.9, desc="Preparing the download")
+        if max(painting.source.shape[:2]) <= PREVIEW_SIDE:
+            # the painting goes to the slider as the file just written: no second decode and re-encode
+            return (Image.fromarray(painting.source, "RGB"), name), name
+        # a full-size photo: the slider shows both at PREVIEW_SIDE, the download is the full-size painting
+        with Image.open(name) as full:
+            full.draft("RGB", (PREVIEW_SIDE, PREVIEW_SIDE))
+            shown = full.convert("RGB")
+            shown.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
+        source = Image.fromarray(painting.source, "RGB")
+        source.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
+        return (source, shown), name
 
     return paint
 
@@ -97,6 +111,8 @@ def build_ui(service: PaintingService) -> gr.Blocks:
                                  sources=["upload", "clipboard", "webcam"], elem_id="photo")
                 strength = gr.Slider(0, 100, value=100, step=5, label="Strength (% painting, the rest photo)",
                                      elem_id="strength")
+                stroke = gr.Slider(0, 8, value=0, step=0.5, label="Stroke size (0: automatic from the photo's "
+                                   "size; 1: pixel for pixel; 4: strokes four times larger)", elem_id="stroke")
                 button = gr.Button("Paint it", variant="primary", elem_id="paint")
             with gr.Column(min_width=360):
                 slider = gr.ImageSlider(label="Photo | Monet", type="filepath", format="png", height=440,
@@ -106,7 +122,7 @@ def build_ui(service: PaintingService) -> gr.Blocks:
         if examples:
             gr.Examples(examples=examples, inputs=photo, label="Example photos",
                         elem_id="examples")
-        button.click(paint, inputs=[photo, strength], outputs=[slider, download], api_name="translate",
+        button.click(paint, inputs=[photo, strength, stroke], outputs=[slider, download], api_name="translate",
                      preprocess=False, concurrency_limit=service.settings.max_batch_size)
     return demo
 

@@ -67,6 +67,10 @@ class SharedStatistics(nn.Module):
         return self.net(x)
 
 
+class PaintingStopped(RuntimeError):
+    """A painting's ``stop()`` said its result is no longer wanted; it stopped between two tiles."""
+
+
 def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
     """Start positions of tiles of ``tile`` along an axis of ``n`` that overlap by at least ``overlap``."""
     if n <= tile:
@@ -113,10 +117,11 @@ def thumbnail(image: np.ndarray, side: int) -> np.ndarray:
 
 @torch.inference_mode()
 def paint_tiled(net: SharedStatistics, image: np.ndarray, tile: int, overlap: int, thumb_side: int,
-                multiple: int, device: torch.device, lock=None) -> tuple[np.ndarray, bool]:
+                multiple: int, device: torch.device, lock=None, stop=None) -> tuple[np.ndarray, bool]:
     """Paint uint8 (H, W, 3) ``image`` in tiles of ``tile`` pixels that overlap by ``overlap``, with the norm
     statistics of a thumbnail of at most ``thumb_side``; (the uint8 painting, whether every output was finite).
-    ``lock`` (a context manager) is held for the thumbnail pass and each tile, not for the whole painting."""
+    ``lock`` (a context manager) is held for the thumbnail pass and each tile, not for the whole painting.
+    ``stop()`` is asked before each tile; True raises PaintingStopped."""
     lock = lock if lock is not None else contextlib.nullcontext()
     h, w = image.shape[:2]
     tile = max(multiple, tile - tile % multiple)
@@ -140,6 +145,8 @@ def paint_tiled(net: SharedStatistics, image: np.ndarray, tile: int, overlap: in
         wy = ramp(th, y0, h, overlap)
         for x0 in cols:
             tw = min(tile, w - x0)
+            if stop is not None and stop():
+                raise PaintingStopped("the painting is no longer wanted")
             t, top, left = _to_input(image[y0 : y0 + th, x0 : x0 + tw], multiple, device)
             with lock:
                 y = net(t)[0, :, top : top + th, left : left + tw].float()

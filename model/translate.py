@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=1024, help="paint images with a side over N in overlapping N x N "
                    "tiles that share one set of normalisation statistics, so memory follows N, not the image "
                    "(default 1024; 0 paints each image whole)")
+    p.add_argument("--stroke-scale", default="auto", help="paint at 1/S of the size and bring the painting back "
+                   "to full size, for strokes S times larger (a number >= 1; default auto: the longer side / "
+                   "1024, so a photo up to 1024 pixels is painted as it is)")
+    p.add_argument("--upsampler", choices=["guided", "lanczos"], default="guided",
+                   help="how a painting made at a stroke scale over 1 comes back to full size: guided (edges from "
+                        "the photo, colours and strokes from the painting) or lanczos")
     p.add_argument("--format", choices=sorted(FORMATS), default="png", help="output image format")
     p.add_argument("--zip", type=Path, default=None, help="also pack all outputs into this zip archive")
     p.add_argument("--codec", choices=["auto", "pil", "torchvision"], default="auto",
@@ -80,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.tile != 0 and args.tile < 64:
         print("error: --tile must be 0 (whole images) or at least 64", file=sys.stderr)
+        return 2
+    try:
+        stroke_scale = None if args.stroke_scale == "auto" else float(args.stroke_scale)
+    except ValueError:
+        stroke_scale = 0.0
+    if stroke_scale is not None and not 1.0 <= stroke_scale <= 64.0:
+        print(f"error: --stroke-scale must be auto or a number from 1 to 64, not {args.stroke_scale!r}",
+              file=sys.stderr)
         return 2
     if not Path(args.weights).exists() and Path(args.weights) == DEFAULT_WEIGHTS:
         print(f"error: no default weights at {DEFAULT_WEIGHTS}; train one (python -m training.fit) "
@@ -127,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     problems.append(f"{path}: unreadable image ({exc})")
                     tqdm.write(f"warning: skipping {path}: unreadable image", file=sys.stderr)
             try:
-                paintings = translator.translate(images, max_side=args.max_side, tile=args.tile)
+                paintings = translator.translate(images, max_side=args.max_side, tile=args.tile,
+                                                 stroke_scale=stroke_scale, upsampler=args.upsampler)
             except NonFiniteOutput as exc:  # nothing half-written: files so far are complete, the rest untouched
                 print(f"error: {args.weights}: {exc}", file=sys.stderr)
                 return 2

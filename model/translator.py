@@ -20,7 +20,8 @@ from model.backends import make_backend, resolve_backend
 from model.images import prepare
 from model.padding import pad_images, padding_for
 from model.runtime import pick_dtype, resolve_device, use_cpu_threads
-from model.tiling import SharedStatistics, paint_tiled
+from model.stroke import default_stroke_scale, enlarge, painted_size, shrink
+from model.tiling import PaintingStopped, SharedStatistics, paint_tiled  # noqa: F401 (PaintingStopped: API)
 from model.weights import GeneratorInfo, load_generator
 
 
@@ -69,7 +70,9 @@ class Translator:
             use_cpu_threads()
         self.backend = resolve_backend(backend, self.device)  # its name: "torch" or "openvino"
         self._run = make_backend(self.backend, generator, self.device, self.dtype, cuda_graphs=cuda_graphs)
-        self._lock = threading.Lock()  # one forward at a time: concurrent ones only fight over the cores
+        # one forward at a time (concurrent ones only fight over the cores), taken in the order asked: between
+        # two tiles of a large painting, a batch that waits goes first
+        self._lock = FifoLock()
         self._generator, self._shared = generator, None  # the tiled path's copy is built on first use
         if warmup:
             self.translate_arrays(np.zeros((1, 256, 256, 3), dtype=np.uint8))
@@ -88,23 +91,41 @@ class Translator:
             raise NonFiniteOutput(f"{path}: {exc}") from None
 
     # -- public API -------------------------------------------------------------------------
-    def translate(self, images: list[Image.Image], max_side: int | None = None,
-                  tile: int | None = None) -> list[Image.Image]:
+    def translate(self, images: list[Image.Image], max_side: int | None = None, tile: int | None = None,
+                  stroke_scale: float | None = 1.0, upsampler: str = "guided") -> list[Image.Image]:
         """Translate each image; returns one RGB image per input, in order, each upright and the
-        same size as its (EXIF-rotated, ``max_side``-capped) input. Images with a side over ``tile`` are painted
-        in tiles (``translate_tiled``); the rest together in batches."""
+        same size as its (EXIF-rotated, ``max_side``-capped) input. ``stroke_scale`` > 1 (None: each image's
+        default) paints an image shrunk that much and brings it back to size (``paint``); images with a side
+        over ``tile`` are painted in tiles (``translate_tiled``); the rest together in batches."""
         arrays = [np.asarray(prepare(img, max_side), dtype=np.uint8) for img in images]
+        scales = [default_stroke_scale(a.shape[1], a.shape[0]) if stroke_scale is None else max(1.0, stroke_scale)
+                  for a in arrays]
         out: list = [None] * len(arrays)
-        large = {i for i, a in enumerate(arrays) if tile and max(a.shape[:2]) > tile}
-        small = [i for i in range(len(arrays)) if i not in large]
-        for i, painting in zip(small, self.translate_many([arrays[i] for i in small])):
+        single = {i for i, a in enumerate(arrays) if scales[i] > 1.0 or (tile and max(a.shape[:2]) > tile)}
+        batched = [i for i in range(len(arrays)) if i not in single]
+        for i, painting in zip(batched, self.translate_many([arrays[i] for i in batched])):
             out[i] = painting
-        for i in large:
-            out[i] = self.translate_tiled(arrays[i], tile)
+        for i in single:
+            out[i] = self.paint(arrays[i], scales[i], tile or 0, upsampler)
         return [Image.fromarray(p, "RGB") for p in out]
 
+    def paint(self, image: np.ndarray, stroke_scale: float | None = None, tile: int = 1024,
+              upsampler: str = "guided", stop=None) -> np.ndarray:
+        """Paint one uint8 (H, W, 3) image of any size at full size: the network paints it shrunk by
+        ``stroke_scale`` (None: ``default_stroke_scale`` of its size; 1: pixel for pixel), in tiles of ``tile``
+        when that is still larger (0: whole), and the painting is brought back to the image's size with
+        ``upsampler`` (model/stroke.py). Memory follows the tile and the width, not the image. ``stop()``,
+        asked before each tile, True: raise PaintingStopped."""
+        h, w = image.shape[:2]
+        scale = default_stroke_scale(w, h) if stroke_scale is None else max(1.0, float(stroke_scale))
+        small = shrink(image, painted_size(w, h, scale))
+        painting = self.translate_tiled(small, tile, stop=stop) if tile else self.translate_many([small])[0]
+        if stop is not None and stop():
+            raise PaintingStopped("the painting is no longer wanted")
+        return enlarge(painting, image, upsampler)
+
     def translate_tiled(self, image: np.ndarray, tile: int = 1024, overlap: int = TILE_OVERLAP,
-                        thumb_side: int = THUMB_SIDE) -> np.ndarray:
+                        thumb_side: int = THUMB_SIDE, stop=None) -> np.ndarray:
         """Paint one uint8 (H, W, 3) image of any size in overlapping ``tile`` x ``tile`` tiles, every tile
         normalised with the statistics of one thumbnail pass (model/tiling.py); memory follows the tile, not
         the image. An image that fits one tile is painted whole, exactly as ``translate_many`` paints it.
@@ -118,7 +139,7 @@ class Translator:
                          "statistics between tiles", self.backend)
             self._shared = SharedStatistics(self._generator).to(self.device)
         painting, finite = paint_tiled(self._shared, image, tile, overlap, thumb_side, self.size_multiple,
-                                       self.device, self._lock)
+                                       self.device, self._lock, stop)
         if not finite:
             raise NonFiniteOutput(_NON_FINITE)
         return painting
@@ -174,6 +195,25 @@ class Translator:
         if len(parts) == 1:
             return parts[0] if not padded else _contiguous(parts[0])
         return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+
+
+class FifoLock:
+    """A lock granted in the order it was asked for (threading.Lock lets the releasing thread take it straight
+    back, so a long tiled painting would starve the batches waiting between its tiles)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next = self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
 
 
 def _contiguous(images):

@@ -413,3 +413,43 @@ def test_png_encoding_is_lossless_at_every_size():
         arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         with Image.open(io.BytesIO(encode_png(arr, "png"))) as img:
             assert img.format == "PNG" and np.array_equal(np.asarray(img.convert("RGB")), arr)
+
+
+@pytest.fixture(scope="module")
+def full_size_client(tmp_path_factory):
+    """The service with its own defaults for size: no MONET_MAX_SIDE cap, tiles of 256 so that small test
+    images take the tiled path too."""
+    from model.weights import save_generator
+    from tests.conftest import small_generator
+
+    weights = tmp_path_factory.mktemp("w") / "g.safetensors"
+    save_generator(weights, small_generator())
+    with TestClient(create_app(Settings(weights=weights, device="cpu", tile=256, ui=False))) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_by_default_the_painting_has_the_uploads_full_size_and_orientation(full_size_client):
+    assert Settings().max_side == 0 and Settings().max_pixels == 50_000_000
+    for size in ((1500, 1001), (1031, 257), (300, 200)):  # default stroke scale 1.46, 1.01 (tiled), 1
+        out = decoded(full_size_client.post("/translate", content=encode(photo(*size)),
+                                            headers={"content-type": "image/jpeg"}))
+        assert out.size == size
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the upright painting is 601 wide, 1203 high
+    buf = io.BytesIO()
+    photo(1203, 601).save(buf, "JPEG", exif=exif)
+    out = decoded(full_size_client.post("/translate?stroke_scale=2", content=buf.getvalue(),
+                                        headers={"content-type": "image/jpeg"}))
+    assert out.size == (601, 1203)
+
+
+def test_stroke_scale_is_checked_and_changes_the_painting(full_size_client):
+    data = encode(photo(400, 300, seed=3))
+    post = lambda query: full_size_client.post(f"/translate?{query}", content=data,
+                                               headers={"content-type": "image/jpeg"})
+    for bad in ("stroke_scale=0.5", "stroke_scale=100", "stroke_scale=big"):
+        assert "stroke_scale" in str(error(post(bad), 422))
+    one, three = (np.asarray(decoded(post(f"stroke_scale={s}&format=png")), dtype=np.int16) for s in (1, 3))
+    assert one.shape == three.shape == (300, 400, 3)
+    assert np.abs(one - three).mean() > 1.0  # painted at 133x100 and brought back: not the same painting

@@ -221,16 +221,14 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
 
 
-def pixel_limit_uploads(folder) -> list[tuple[bytes, str]]:
-    """Three real images of 6300x6300 (just under the 40-megapixel limit) that are small to send:
-    a JPEG, an RGB PNG and an RGBA PNG."""
-    side = 6300
-    ramp = np.linspace(0, 255, side, dtype=np.float32)
-    checker = ((np.arange(side) // 64) % 2 * 120).astype(np.uint8)
-    arr = np.empty((side, side, 3), np.uint8)
-    arr[..., 0] = ramp[None, :]
-    arr[..., 1] = ramp[:, None]
-    arr[..., 2] = checker[None, :] ^ checker[:, None]
+def pixel_limit_uploads(folder, width: int = 6300, height: int = 6300) -> list[tuple[bytes, str]]:
+    """Three real images of 6300x6300 (40 megapixels) that are small to send: a JPEG, an RGB PNG and an
+    RGBA PNG."""
+    arr = np.empty((height, width, 3), np.uint8)
+    arr[..., 0] = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    arr[..., 1] = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    arr[..., 2] = ((np.arange(width) // 64) % 2 * 120).astype(np.uint8)[None, :] ^ \
+        ((np.arange(height) // 64) % 2 * 120).astype(np.uint8)[:, None]
     img = Image.fromarray(arr)
     out = []
     for fmt, mode, media in (("JPEG", "RGB", "image/jpeg"), ("PNG", "RGB", "image/png"), ("PNG", "RGBA", "image/png")):
@@ -240,13 +238,17 @@ def pixel_limit_uploads(folder) -> list[tuple[bytes, str]]:
     return out
 
 
-def test_sixteen_concurrent_uploads_at_the_pixel_limit_stay_under_2_gb_and_give_the_memory_back(tmp_path):
-    uploads = pixel_limit_uploads(tmp_path)
+@pytest.mark.parametrize("size, settings, painted", [
+    ((6300, 6300), {"max_side": 1024}, (1024, 1024)),  # 40 MP under an operator's MONET_MAX_SIDE cap
+    ((6000, 4000), {}, (6000, 4000)),  # 24 MP phone photos painted at full size (the defaults)
+], ids=["40MP-capped-at-1024", "24MP-full-size"])
+def test_sixteen_concurrent_large_uploads_stay_under_2_gb_and_give_the_memory_back(tmp_path, size, settings, painted):
+    uploads = pixel_limit_uploads(tmp_path, *size)
     assert all(len(body) < 20 * 1024 * 1024 for body, _ in uploads)
     shipped = tmp_path / "photo2monet.safetensors"  # the shipped generator (the server log goes beside it)
     shipped.write_bytes((ROOT / "weights" / "photo2monet.safetensors").read_bytes())
     # a memory test, not a latency one: a deadline no CPU misses (16 x 1024^2 took over 30 s on a slow 2-core Xeon)
-    srv = Server(shipped, ui="false", request_timeout_s=240).wait_ready()
+    srv = Server(shipped, ui="false", request_timeout_s=400, **settings).wait_ready()
     try:
         post_many(srv.url, [encode(photo(256, 256))] * 2, 2)  # warm the 256 path like any served replica
         time.sleep(1)
@@ -263,7 +265,7 @@ def test_sixteen_concurrent_uploads_at_the_pixel_limit_stay_under_2_gb_and_give_
 
         def one(i):
             body, media = uploads[i % 3]
-            return httpx.post(srv.url + "/translate", content=body, headers={"content-type": media}, timeout=300)
+            return httpx.post(srv.url + "/translate", content=body, headers={"content-type": media}, timeout=450)
 
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(one, range(16)))
@@ -272,7 +274,7 @@ def test_sixteen_concurrent_uploads_at_the_pixel_limit_stay_under_2_gb_and_give_
         sampler.join()
         end = rss_mb(srv.proc.pid)
         assert [r.status_code for r in answers] == [200] * 16, [r.text[:200] for r in answers if r.status_code != 200]
-        assert Image.open(io.BytesIO(answers[0].content)).size == (1024, 1024)
+        assert all(Image.open(io.BytesIO(r.content)).size == painted for r in answers)
         assert peak[0] < 2048, f"peak RSS {peak[0]:.0f} MB (idle {idle:.0f} MB)"
         assert end - idle < 200, f"RSS {end:.0f} MB after the burst, {idle:.0f} MB before"
     finally:
@@ -311,5 +313,35 @@ def test_ui_uploads_and_results_are_deleted_after_their_ttl_and_refusals_log_one
         log = srv.output()
         assert "Traceback" not in log
         assert log.count('"path": "/ui/translate", "route": "/ui", "status": 400') == 1
+    finally:
+        srv.stop()
+
+
+def test_a_small_request_does_not_wait_for_a_large_painting_in_progress(weights):
+    """A photo painted pixel for pixel in 64 tiles of 256, then a 256x256 photo sent while it is in progress:
+    the small one is answered first (it waits for at most one tile, not for the whole painting)."""
+    srv = Server(weights, ui="false", tile=256, request_timeout_s=300).wait_ready()
+    try:
+        large = encode(photo(2000, 2000, seed=1), quality=90)
+        finished = {}
+
+        def send(name, body, query=""):
+            r = httpx.post(srv.url + "/translate" + query, content=body, headers={"content-type": "image/jpeg"},
+                           timeout=300)
+            finished[name] = (time.perf_counter(), r.status_code)
+
+        painter = threading.Thread(target=send, args=("large", large, "?stroke_scale=1"))
+        painter.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:  # until the large painting is in its tiles
+            text = httpx.get(srv.url + "/metrics").text
+            if metric(text, "monet_decodes_total") >= 1:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        send("small", encode(photo(256, 256, seed=2)))
+        painter.join()
+        assert finished["small"][1] == finished["large"][1] == 200
+        assert finished["small"][0] < finished["large"][0]
     finally:
         srv.stop()
