@@ -55,6 +55,9 @@ class PaintingService:
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
         self.decode_budget = DecodeBudget(settings.decode_budget_bytes)
+        # full-size paintings hold a budget of their own from decode to encode (their decode also takes the decode
+        # budget), so that a large painting in progress never keeps small uploads from decoding
+        self.large_budget = DecodeBudget(settings.decode_budget_bytes)
         # time.monotonic() of the SIGTERM: finish what arrived before it, take nothing new
         self.drain_started = float("inf")
         self._loading: asyncio.Task | None = None
@@ -166,14 +169,15 @@ class PaintingService:
     async def _paint_large(self, opened: Opened, size: tuple[int, int], large: Large, slot, fmt: str, gone,
                            strength: float, started: float) -> Painting:
         """A full-size painting (``Translator.paint`` beside the batches): its whole life (decode, painting,
-        encode) holds its share of the decode budget, so that the full-size buffers of only so many large
-        images are in memory at once."""
+        encode) holds its share of the large-painting budget, so that the full-size buffers of only so many
+        large images are in memory at once; the decode itself also takes its share of the decode budget."""
         s = self.settings
         cost = opened.cost + size[0] * size[1] * 8  # + the painting (3 B/px), its encoding, the blend's strips
         try:
-            async with self.decode_budget.hold(cost, s.request_timeout_s):
-                self.metrics.decodes.inc()
-                image = await run_in_threadpool(finish_decode, opened, s.max_side)
+            async with self.large_budget.hold(cost, s.request_timeout_s):
+                async with self.decode_budget.hold(opened.cost, s.request_timeout_s):
+                    self.metrics.decodes.inc()
+                    image = await run_in_threadpool(finish_decode, opened, s.max_side)
                 decoded = time.perf_counter()
                 result, timing = await slot.submit(image, s.request_timeout_s, gone, large)
                 if gone is not None and await gone():

@@ -11,6 +11,8 @@ Two ways back to full size:
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 REFERENCE_SIDE = 1024  # the longer side the default stroke scale paints at (the service's old MAX_SIDE)
@@ -70,14 +72,6 @@ def _box(x: np.ndarray, r: int) -> np.ndarray:
     return (s / (k * k)).astype(np.float32)
 
 
-def _axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear (half-pixel centres) source indices and weights along one axis."""
-    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    i0 = np.floor(src).astype(np.int64)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, (src - i0).astype(np.float32)
-
-
 def _guided(painting: np.ndarray, photo: np.ndarray) -> np.ndarray:
     h, w = photo.shape[:2]
     sh, sw = painting.shape[:2]
@@ -88,18 +82,24 @@ def _guided(painting: np.ndarray, photo: np.ndarray) -> np.ndarray:
     var = _box(guide * guide, GUIDED_RADIUS) - mean_i * mean_i
     a = cov / (var[..., None] + GUIDED_EPS)
     b = mean_p - a * mean_i[..., None]
-    a, b = _box(a, GUIDED_RADIUS), _box(b, GUIDED_RADIUS)
-    ys0, ys1, yf = _axis(h, sh)
-    xs0, xs1, xf = _axis(w, sw)
-    xf = xf[None, :, None]
-    out = np.empty((h, w, 3), np.uint8)
-    for y0 in range(0, h, STRIP_ROWS):
-        y1 = min(h, y0 + STRIP_ROWS)
-        fy = yf[y0:y1, None, None]
-        rows = []
-        for coef in (a, b):  # bilinear: along y on the small grid, then along x to full width
-            c = coef[ys0[y0:y1]] * (1 - fy) + coef[ys1[y0:y1]] * fy
-            rows.append(c[:, xs0] * (1 - xf) + c[:, xs1] * xf)
-        q = rows[0] * _luminance(photo[y0:y1].astype(np.float32))[..., None] + rows[1]
-        out[y0:y1] = np.clip(np.rint(q * 255.0), 0, 255).astype(np.uint8)
+    # a and b, bilinear (half-pixel centres) to full size: along x for the few small rows at once (torch, which
+    # keeps rows where the height does not change), then along y a strip of full-size rows at a time
+    with torch.inference_mode():
+        coefs = [F.interpolate(torch.from_numpy(np.ascontiguousarray(c.transpose(2, 0, 1)))[None], size=(sh, w),
+                               mode="bilinear", align_corners=False)[0] for c in (_box(a, GUIDED_RADIUS),
+                                                                              _box(b, GUIDED_RADIUS))]
+        src = np.clip((np.arange(h, dtype=np.float64) + 0.5) * (sh / h) - 0.5, 0, sh - 1)
+        y0s = np.floor(src).astype(np.int64)
+        y1s = np.minimum(y0s + 1, sh - 1)
+        fys = torch.from_numpy((src - y0s).astype(np.float32))
+        y0s, y1s = torch.from_numpy(y0s), torch.from_numpy(y1s)
+        weights = torch.tensor([0.299 / 255, 0.587 / 255, 0.114 / 255])
+        out = np.empty((h, w, 3), np.uint8)
+        for top in range(0, h, STRIP_ROWS):
+            rows = slice(top, min(h, top + STRIP_ROWS))
+            fy = fys[rows][None, :, None]
+            ca, cb = (torch.lerp(c[:, y0s[rows]], c[:, y1s[rows]], fy) for c in coefs)  # (3, rows, w)
+            lum = torch.from_numpy(np.array(photo[rows])).float() @ weights  # (rows, w); a copy: photo may be read-only
+            q = ca.mul_(lum).add_(cb).mul_(255.0).round_().clamp_(0, 255)
+            out[rows] = q.to(torch.uint8).permute(1, 2, 0).numpy()
     return out
