@@ -7,6 +7,7 @@ submission archive as well.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import zipfile
@@ -15,7 +16,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from model.codecs import FORMATS, paint_jpegs
-from model.images import IMAGE_EXTENSIONS
+from model.images import IMAGE_EXTENSIONS, fitted_size
+from model.stroke import REFERENCE_SIDE
 from model.translator import NonFiniteOutput, Translator
 from model.weights import SHIPPED_WEIGHTS, WeightsError, atomic_write
 
@@ -48,6 +50,16 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None  # reported by the Pillow path, which tries again
+
+
+def _side(data: bytes, max_side: int | None) -> int:
+    """The longer side an image will be painted at, from its header (0 when the header does not open: the
+    device path then refuses it and Pillow reports it)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return max(fitted_size(img.size, max_side))
+    except Exception:
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     fmt = FORMATS[args.format]
     pil_format, ext, save_kw = fmt.pil, fmt.extension, fmt.options
     device_codec = args.format == "jpeg" and (args.codec == "torchvision" or (
-        args.codec == "auto" and translator.device.type == "cuda"))
+        args.codec == "auto" and translator.device.type == "cuda")) and (stroke_scale is None or stroke_scale == 1)
+    # the device path paints each image whole and pixel for pixel: images it would paint otherwise (a stroke
+    # scale over 1, or tiles) go through Pillow and Translator.paint
+    device_side = REFERENCE_SIDE if stroke_scale is None else args.tile
     args.out.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, str]] = []
     from tqdm import tqdm
@@ -121,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             batch = files[start : start + args.batch_size]
             if device_codec:  # JPEG in, JPEG out, pixels on the device; what it can't take goes through Pillow
                 blobs = [_read(path) for path, _ in batch]
+                blobs = [None if b is None or _side(b, args.max_side) > (device_side or float("inf")) else b
+                         for b in blobs]
                 try:
                     painted = paint_jpegs(translator, [b or b"" for b in blobs], args.max_side, save_kw["quality"])
                 except NonFiniteOutput as exc:

@@ -85,6 +85,7 @@ def test_cli_device_codec_writes_the_same_paintings_and_still_takes_every_file(t
     photo(80, 60, seed=5).convert("CMYK").save(src / "cmyk.jpg")
     photo(80, 60, seed=6).save(src / "x.png")
     (src / "broken.jpg").write_bytes((src / "p0.jpg").read_bytes()[:400])
+    photo(1300, 700, seed=7).save(src / "big.jpg", quality=95)  # default stroke scale 1.27: painted by Translator.paint
     outs = {}
     for codec in ("pil", "torchvision"):
         outs[codec] = tmp_path / codec
@@ -95,8 +96,9 @@ def test_cli_device_codec_writes_the_same_paintings_and_still_takes_every_file(t
         assert r.returncode == 1, r.stderr  # the broken file is skipped and counted
         assert "broken.jpg" in r.stderr and "Traceback" not in r.stderr
     names = sorted(p.name for p in outs["pil"].iterdir())
-    assert names == sorted(p.name for p in outs["torchvision"].iterdir()) == ["cmyk.jpg", "p0.jpg", "p1.jpg",
-                                                                             "p2.jpg", "x.jpg"]
+    assert names == sorted(p.name for p in outs["torchvision"].iterdir()) == ["big.jpg", "cmyk.jpg", "p0.jpg",
+                                                                             "p1.jpg", "p2.jpg", "x.jpg"]
+    assert Image.open(outs["torchvision"] / "big.jpg").size == (1300, 700)
     for name in names:
         a, b = (np.asarray(Image.open(outs[c] / name), dtype=float) for c in ("pil", "torchvision"))
         assert a.shape == b.shape and np.abs(a - b).mean() < 2.0
