@@ -11,6 +11,7 @@ scaling and rounding, with one finite flag (the sum of its raw output is NaN exa
 never gives Inf). A new runtime is one more class here with the same ``__call__`` and ``release``.
 
     python -m model.backends export WEIGHTS OUT.xml     # the generator as OpenVINO IR (OUT.xml + OUT.bin)
+    python -m model.backends export WEIGHTS OUT.onnx    # as ONNX (the `onnx` extra), for onnxruntime, TensorRT...
 
 The OpenVINO backend converts the checked safetensors weights in memory at load time (about 1.5 s), so the
 safetensors file stays the one artefact that is loaded, checked and shipped; `export` writes the same graph
@@ -282,33 +283,67 @@ class OpenVINOBackend:
         return True
 
 
-def export(weights: Path, out: Path) -> None:
-    """Write the generator in ``weights`` as OpenVINO IR (``out`` .xml, weights beside it in .bin)."""
-    import openvino as ov
+EXPORT_FORMATS = {".xml": "OpenVINO IR", ".onnx": "ONNX"}
 
-    from model.weights import load_generator
+
+def export(weights: Path, out: Path) -> None:
+    """Write the generator in ``weights`` in the format ``out``'s suffix names: ``.xml`` OpenVINO IR (weights
+    beside it in .bin), ``.onnx`` ONNX. Both take and return float32 NCHW in [-1, 1], any batch, height and
+    width multiples of the generator's size multiple (4 for the ResNet generator). The write is atomic."""
+    from model.weights import atomic_write, load_generator
 
     generator, _ = load_generator(weights)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".onnx":
+        atomic_write(out, lambda tmp: export_onnx(generator, Path(tmp)))
+        return
+    import openvino as ov
+
     tmp = out.with_name(f".{out.stem}.tmp.xml")
     ov.save_model(convert(generator), tmp, compress_to_fp16=False)
     tmp.with_suffix(".bin").replace(out.with_suffix(".bin"))
     tmp.replace(out)
 
 
+def export_onnx(generator: nn.Module, path: Path) -> None:
+    """The generator as an ONNX model (opset 18) through torch's exporter (``torch.export``, onnxscript): input
+    ``image`` (N, 3, H, W) float32 in [-1, 1], output ``painting`` the same shape; N is dynamic, H and W are
+    dynamic multiples of the size multiple. The network as trained (no inference rewrite): plain
+    convolutions, instance norms and reflection pads that every ONNX runtime takes."""
+    import contextlib
+    import io
+
+    module = copy.deepcopy(generator).float().eval()
+    m = generator.spec.size_multiple
+    side = max(64, m)
+    batch, rows, cols = torch.export.Dim("batch", max=1024), torch.export.Dim("rows", max=16384 // m), \
+        torch.export.Dim("cols", max=16384 // m)
+    chatter = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, 3, side, side),), str(path), dynamo=True, opset_version=18,
+                          input_names=["image"], output_names=["painting"], verbose=False, external_data=False,
+                          dynamic_shapes={"x": {0: batch, 2: m * rows, 3: m * cols}})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.backends", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write a generator as OpenVINO IR")
+    ex = sub.add_parser("export", help="write a generator as OpenVINO IR (.xml) or ONNX (.onnx)")
     ex.add_argument("weights", type=Path)
-    ex.add_argument("out", type=Path, help="the .xml file to write (its .bin goes beside it)")
+    ex.add_argument("out", type=Path, help="the file to write: OUT.xml (OpenVINO IR, its .bin goes beside it) "
+                    "or OUT.onnx")
     args = parser.parse_args(argv)
-    if not openvino_available():
+    if args.out.suffix not in EXPORT_FORMATS:
+        print(f"error: {args.out} should end in .xml (OpenVINO IR) or .onnx (ONNX)", file=sys.stderr)
+        return 2
+    if args.out.suffix == ".xml" and not openvino_available():
         print("error: the openvino package is not installed: pip install 'monet-cyclegan[openvino]'", file=sys.stderr)
         return 2
-    if args.out.suffix != ".xml":
-        print(f"error: {args.out} should end in .xml (OpenVINO IR)", file=sys.stderr)
+    if args.out.suffix == ".onnx" and not all(importlib.util.find_spec(p) for p in ("onnx", "onnxscript")):
+        print("error: ONNX export needs the onnx and onnxscript packages: pip install 'monet-cyclegan[onnx]'",
+              file=sys.stderr)
         return 2
     from model.weights import WeightsError
 
@@ -317,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} and {args.out.with_suffix('.bin')}")
+    extra = f" and {args.out.with_suffix('.bin')}" if args.out.suffix == ".xml" else ""
+    print(f"wrote {args.out}{extra} ({EXPORT_FORMATS[args.out.suffix]}: float32 NCHW in [-1, 1], dynamic batch, "
+          f"height and width)")
     return 0
 
 

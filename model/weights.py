@@ -7,13 +7,23 @@ Metadata keys (all strings, as safetensors requires):
   settings      JSON of the constructor settings, e.g. {"ngf": 64, "n_blocks": 9, ...}
   direction     e.g. "photo->monet"
   training      JSON summary of how it was trained (free form)
+  name          optional: the style's display name (e.g. "Claude Monet"), shown by the service's /styles
+  scores        optional: JSON of evaluation figures (e.g. {"heldout_kid": 0.0261})
 
 Loading reads tensors with safetensors only, so it never unpickles anything.
+
+    python -m model.weights info FILE                       # what a weight file says about its generator
+    python -m model.weights import latest_net_G.pth --out style.safetensors [--name "Van Gogh"]
+                                                            # a reference CycleGAN (junyanz) generator
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
+import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +59,8 @@ class GeneratorInfo:
     direction: str = "photo->monet"
     training: dict = field(default_factory=dict)
     stored_dtype: str = "float32"
+    name: str | None = None  # display name, when the file gives one
+    scores: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -58,6 +70,8 @@ class GeneratorInfo:
             "direction": self.direction,
             "training": self.training,
             "stored_dtype": self.stored_dtype,
+            "name": self.name,
+            "scores": self.scores,
         }
 
 
@@ -82,8 +96,11 @@ def save_generator(
     direction: str = "photo->monet",
     training: dict | None = None,
     dtype: torch.dtype | None = None,
+    name: str | None = None,
+    scores: dict | None = None,
 ) -> None:
-    """Write ``generator`` (a ResnetGenerator or UnetGenerator) and its description to ``path``.
+    """Write ``generator`` (a ResnetGenerator or UnetGenerator) and its description to ``path``; ``name`` and
+    ``scores`` (optional) are the style's display name and evaluation figures.
 
     ``dtype=torch.float16`` halves the file; the loader casts back. The write is atomic.
     """
@@ -96,6 +113,10 @@ def save_generator(
         "direction": direction,
         "training": json.dumps(training or {}, sort_keys=True),
     }
+    if name:
+        meta["name"] = name
+    if scores:
+        meta["scores"] = json.dumps(scores, sort_keys=True)
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
@@ -119,7 +140,8 @@ def read_info(path: str | os.PathLike) -> tuple[GeneratorInfo, dict[str, torch.T
     if pickle_kind(path) is not None:  # never unpickled: say what it is and what to do
         raise WeightsError(f"{name} is not a readable safetensors file: it is a PyTorch pickle checkpoint, and "
                            "pickles are never loaded. Export a training checkpoint of this project with "
-                           "`python -m training.export CHECKPOINT OUT.safetensors`")
+                           "`python -m training.export CHECKPOINT OUT.safetensors`, or convert a reference CycleGAN "
+                           "generator with `python -m model.weights import latest_net_G.pth --out OUT.safetensors`")
     try:
         with safe_open(name, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -132,6 +154,7 @@ def read_info(path: str | os.PathLike) -> tuple[GeneratorInfo, dict[str, torch.T
     try:
         settings = json.loads(meta.get("settings", "{}"))
         training = json.loads(meta.get("training", "{}"))
+        scores = json.loads(meta.get("scores", "{}"))
     except json.JSONDecodeError:
         raise WeightsError(f"{name} has unreadable settings in its metadata") from None
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
@@ -142,6 +165,8 @@ def read_info(path: str | os.PathLike) -> tuple[GeneratorInfo, dict[str, torch.T
         direction=meta.get("direction", "photo->monet"),
         training=training,
         stored_dtype=",".join(sorted(dtypes)) or "none",
+        name=meta.get("name") or None,
+        scores=scores if isinstance(scores, dict) else {},
     )
     return info, tensors
 
@@ -174,3 +199,121 @@ def load_generator(path: str | os.PathLike) -> tuple[nn.Module, GeneratorInfo]:
                                "damaged or its training diverged")
     generator.load_state_dict({k: v.float() for k, v in tensors.items()})
     return generator.eval(), info
+
+
+def file_version(path: str | os.PathLike) -> str:
+    """A weight file's version: the first 16 hex digits of the SHA-256 of its bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+# -- the reference CycleGAN's generators (junyanz/pytorch-CycleGAN-and-pix2pix) ---------------------------------
+# Its ResnetGenerator is a Sequential with the same layer order as model.networks.ResnetGenerator (transposed-
+# convolution upsampling): the same "model.N..." keys, except that with dropout (--no_dropout off) each block's
+# second pad and conv sit one index later (conv_block.6 instead of .5). Its instance norms have no parameters;
+# checkpoints from PyTorch < 0.4 carry running statistics for them, which its loader drops, and so does this one.
+_BLOCK_KEY = re.compile(r"^model\.(\d+)\.conv_block\.(\d+)\.(weight|bias)$")
+
+
+def reference_generator(state: dict[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
+    """A ResnetGenerator holding a reference-CycleGAN generator's state dict; ngf, the block count and the
+    channel counts are read from the tensors' shapes. Raises WeightsError when the tensors are not such a
+    generator."""
+    state = {k.removeprefix("module."): v for k, v in state.items()
+             if torch.is_tensor(v) and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    first = state.get("model.1.weight")
+    if first is None or first.dim() != 4 or tuple(first.shape[2:]) != (7, 7):
+        raise WeightsError(f"{source}: not a reference CycleGAN ResnetGenerator (no 7x7 first convolution "
+                           "model.1.weight; U-Net generators are not supported)")
+    ngf, input_nc = int(first.shape[0]), int(first.shape[1])
+    blocks = sorted({int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))})
+    if not blocks or blocks != list(range(10, 10 + len(blocks))):
+        raise WeightsError(f"{source}: no residual blocks at model.10 onwards; not a reference ResnetGenerator")
+    dropout = any(k.endswith("conv_block.6.weight") for k in state)
+    renamed = {}
+    for key, value in state.items():
+        m = _BLOCK_KEY.match(key)
+        if m and dropout and m.group(2) == "6":
+            key = f"model.{m.group(1)}.conv_block.5.{m.group(3)}"
+        renamed[key] = value
+    n = len(blocks)
+    last = renamed.get(f"model.{10 + n + 7}.weight")  # after the blocks: 2 x (convT, norm, relu), pad, conv
+    if last is None:
+        raise WeightsError(f"{source}: no final 7x7 convolution model.{10 + n + 7}.weight")
+    generator = build_generator("resnet", input_nc=input_nc, output_nc=int(last.shape[0]), ngf=ngf, n_blocks=n,
+                                upsample="transpose")
+    expected = generator.state_dict()
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(set(renamed) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(renamed) if expected[k].shape != renamed[k].shape)
+    if missing or unexpected or wrong:
+        example = (missing or unexpected or wrong)[0]
+        raise WeightsError(f"{source}: tensors don't match a reference ResnetGenerator (ngf {ngf}, {n} blocks): "
+                           f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of the wrong shape "
+                           f"(e.g. {example})")
+    for key, value in renamed.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise WeightsError(f"{source}: tensor {key} holds non-finite values (NaN or Inf)")
+    generator.load_state_dict({k: v.float() for k, v in renamed.items()})
+    return generator.eval()
+
+
+def import_reference(checkpoint: str | os.PathLike, out: str | os.PathLike, name: str | None = None,
+                     direction: str = "photo->style") -> GeneratorInfo:
+    """Convert a reference CycleGAN generator checkpoint (``latest_net_G.pth``, a state dict saved with
+    ``torch.save``) into this project's weight file ``out``. It is read with ``torch.load(weights_only=True)``:
+    tensors and plain containers only, never arbitrary objects."""
+    source = str(checkpoint)
+    if not Path(checkpoint).is_file():
+        raise WeightsError(f"{source} not found")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (the unpickler refuses objects with several exception types)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{source} is not a state dict that loads without unpickling objects ({detail[:200]})") \
+            from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{source} holds a {type(state).__name__}, not a state dict")
+    generator = reference_generator(state, source)
+    save_generator(out, generator, direction=direction, name=name,
+                   training={"imported_from": Path(checkpoint).name, "source": "junyanz/pytorch-CycleGAN-and-pix2pix"})
+    return read_info(out)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.weights", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("info", help="print what a weight file says about its generator (JSON)")
+    show.add_argument("weights", type=Path)
+    imp = sub.add_parser("import", help="convert a reference CycleGAN generator checkpoint (.pth)")
+    imp.add_argument("checkpoint", type=Path, help="e.g. checkpoints/style_monet_pretrained/latest_net_G.pth")
+    imp.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    imp.add_argument("--name", help="the style's display name (the file's stem names it in the service)")
+    imp.add_argument("--direction", default="photo->style", help="what it turns into what (default photo->style)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            info, _ = read_info(args.weights)
+            load_generator(args.weights)  # the full check: shapes and finite values
+            print(json.dumps({**info.as_dict(), "version": file_version(args.weights)}, indent=2))
+        else:
+            if args.out.suffix != ".safetensors":
+                raise WeightsError(f"--out {args.out}: the file name must end in .safetensors")
+            info = import_reference(args.checkpoint, args.out, args.name, args.direction)
+            s = info.settings
+            print(f"wrote {args.out}: reference ResnetGenerator, ngf {s['ngf']}, {s['n_blocks']} blocks, "
+                  f"version {file_version(args.out)}")
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
