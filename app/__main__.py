@@ -1,4 +1,5 @@
-"""`python -m app [--host H] [--port P] [--weights FILE] [--device auto|cpu|cuda]`: serve the API and UI."""
+"""`monet-serve` / `python -m app [--host H] [--port P] [--weights FILE|FOLDER] [--device auto|cpu|cuda]`: serve
+the API and UI. SIGHUP reads the styles in MONET_WEIGHTS again (app/catalogue.py); SIGTERM drains and stops."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1, env MONET_HOST)")
     parser.add_argument("--port", type=int, help="port (default 8000, env MONET_PORT)")
-    parser.add_argument("--weights", help="generator weight file (default weights/photo2monet.safetensors)")
+    parser.add_argument("--weights", help="generator weight file, or a folder of them, one style each (default "
+                        "weights/photo2monet.safetensors; env MONET_WEIGHTS)")
     parser.add_argument("--device", help="auto | cpu | cuda (env MONET_DEVICE)")
     args = parser.parse_args(argv)
     from app.config import Settings
@@ -31,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         err = exc.errors()[0]
         print(f"error: bad setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
-    if not settings.weights.is_file():
-        print(f"error: weights file {settings.weights} not found (set --weights or MONET_WEIGHTS)", file=sys.stderr)
+    if not settings.weights.exists():
+        print(f"error: weights {settings.weights} not found (set --weights or MONET_WEIGHTS: a .safetensors file "
+              "or a folder of them)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     from app.main import create_app

@@ -1,16 +1,21 @@
 """The dynamic batcher between the routes (REST and UI) and the translator.
 
 Admission comes first: a request takes one of ``queue_size`` slots (``slot()``) before it decodes its
-upload, so under overload a refusal costs nothing. Admitted requests queue their images; a worker takes the
-first waiting one, then gathers more until it has ``max_batch`` or ``max_wait`` has passed, drops those whose
-deadline passed or whose client went away, and hands the batch to the translator in a worker thread (the
-translator groups same-size images into forward passes), so the event loop keeps accepting requests
-meanwhile. Results go back to their own requests. A slot is freed when the worker takes its job.
+upload, so under overload a refusal costs nothing. Admitted requests queue their images, each for its
+style's translator; a worker takes the first waiting one, then gathers more of the same style until it has
+``max_batch`` or ``max_wait`` has passed, drops those whose deadline passed or whose client went away, and
+hands the batch to the translator in a worker thread (the translator groups same-size images into forward
+passes), so the event loop keeps accepting requests meanwhile. Results go back to their own requests. A slot
+is freed when the worker takes its job.
+
+A batch never mixes styles (nor two versions of one). The styles with waiting requests take turns, one batch
+each (``FairQueue``), so one style's heavy traffic delays another style's request by at most one batch.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -60,7 +65,60 @@ class _Job:
     future: asyncio.Future
     slot: "Slot"
     large: Large | None = None  # None: painted pixel for pixel in a batch
+    translator: Translator | None = None  # the style (and version) that paints it
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+class FairQueue:
+    """The waiting jobs, one first-in-first-out queue per translator (a style's version). The styles with
+    waiting jobs take turns: ``take()`` starts a batch with the style whose turn it is and sends that style to
+    the back; ``take(translator)`` continues the batch with the same style."""
+
+    def __init__(self):
+        self._queues: OrderedDict[Translator, deque[_Job]] = OrderedDict()
+        self._size = 0
+        self._put = asyncio.Event()
+
+    def qsize(self) -> int:
+        return self._size
+
+    def empty(self) -> bool:
+        return self._size == 0
+
+    def put_nowait(self, job: _Job) -> None:
+        self._queues.setdefault(job.translator, deque()).append(job)
+        self._size += 1
+        self._put.set()
+
+    def take(self, translator: Translator | None = None) -> _Job | None:
+        if translator is None:
+            if not self._queues:
+                return None
+            translator = next(iter(self._queues))
+            self._queues.move_to_end(translator)  # its turn is taken: the next batch starts with another style
+        queue = self._queues.get(translator)
+        if not queue:
+            return None
+        job = queue.popleft()
+        self._size -= 1
+        if not queue:
+            del self._queues[translator]
+        return job
+
+    async def wait(self, timeout_s: float | None) -> bool:
+        """Wait until a job is put (True) or ``timeout_s`` passes (False; None: no limit)."""
+        self._put.clear()
+        try:
+            await asyncio.wait_for(self._put.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def drain(self) -> list[_Job]:
+        jobs = [job for queue in self._queues.values() for job in queue]
+        self._queues.clear()
+        self._size = 0
+        return jobs
 
 
 class Slot:
@@ -76,13 +134,15 @@ class Slot:
 
     async def submit(self, image: np.ndarray, timeout_s: float,
                      gone: Callable[[], Awaitable[bool]] | None = None,
-                     large: Large | None = None) -> tuple[np.ndarray, "Timing"]:
-        """Queue one RGB uint8 image; returns the painting and its timings. Raises DeadlineExceeded after
-        ``timeout_s``, ClientGone when ``gone()`` says the client left while queued. With ``large``, the image
-        is painted on its own (``Translator.paint``), beside the batches: between two of its tiles the model
-        serves the batch waiting, so small requests never wait for a whole large painting."""
+                     large: Large | None = None, translator: Translator | None = None) -> tuple[np.ndarray, "Timing"]:
+        """Queue one RGB uint8 image for ``translator`` (None: the batcher's); returns the painting and its
+        timings. Raises DeadlineExceeded after ``timeout_s``, ClientGone when ``gone()`` says the client left
+        while queued. With ``large``, the image is painted on its own (``Translator.paint``), beside the
+        batches: between two of its tiles the model serves the batch waiting, so small requests never wait for
+        a whole large painting."""
         loop = asyncio.get_running_loop()
-        job = _Job(image, time.perf_counter() + timeout_s, gone, loop.create_future(), self, large)
+        job = _Job(image, time.perf_counter() + timeout_s, gone, loop.create_future(), self, large,
+                   translator or self.batcher.translator)
         self.batcher.queue.put_nowait(job)
         self.batcher._depth()
         try:
@@ -96,12 +156,16 @@ class Slot:
 
 
 class Batcher:
-    """Gathers concurrent requests into batches for one Translator. Start and stop it in the app's lifespan."""
+    """Gathers concurrent requests into batches, each for one translator (one style): ``translator`` unless a
+    request names another. ``translators()`` lists every translator in use, whose memory is released when the
+    queue is idle. Start and stop it in the app's lifespan."""
 
-    def __init__(self, translator: Translator, max_batch: int, max_wait_s: float, queue_size: int, metrics=None):
+    def __init__(self, translator: Translator | None, max_batch: int, max_wait_s: float, queue_size: int,
+                 metrics=None, translators: Callable[[], list[Translator]] | None = None):
         self.translator, self.max_batch, self.max_wait_s = translator, max_batch, max_wait_s
+        self.translators = translators or (lambda: [translator] if translator is not None else [])
         self.queue_size, self.admitted = queue_size, 0
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue()  # bounded by admission
+        self.queue = FairQueue()  # bounded by admission
         self.metrics = metrics
         self._worker: asyncio.Task | None = None
         self._large_worker: asyncio.Task | None = None
@@ -120,11 +184,12 @@ class Batcher:
                     await worker
                 except asyncio.CancelledError:
                     pass
-        for queue in (self.queue, self.large):
-            while not queue.empty():
-                job = queue.get_nowait()
-                if not job.future.done():
-                    job.future.set_exception(QueueFull("the service is shutting down"))
+        jobs = self.queue.drain()
+        while not self.large.empty():
+            jobs.append(self.large.get_nowait())
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(QueueFull("the service is shutting down"))
 
     def full(self) -> QueueFull | None:
         """The refusal a request gets now, when ``queue_size`` are admitted; else None."""
@@ -158,9 +223,9 @@ class Batcher:
         """The next job. Once per idle spell, hand the heap that large images' activations and buffers
         left behind back to the OS (glibc would keep it)."""
         while True:
-            try:
-                return self._take(await asyncio.wait_for(self.queue.get(), IDLE_TRIM_S if self._dirty else None))
-            except asyncio.TimeoutError:
+            if (job := self.queue.take()) is not None:
+                return self._take(job)
+            if not await self.queue.wait(IDLE_TRIM_S if self._dirty else None):
                 await asyncio.to_thread(self._release)
                 self._dirty = False
 
@@ -170,22 +235,21 @@ class Batcher:
         return job
 
     def _release(self) -> None:
-        self.translator.release_memory()
+        for translator in self.translators():
+            translator.release_memory()
         release_free_memory()
 
     async def _gather(self) -> list[_Job]:
         batch = [await self._first()]
         self._dirty = True
+        translator = batch[0].translator  # the batch's style: never mixed
         until = time.perf_counter() + self.max_wait_s
         while len(batch) < self.max_batch:
+            if (job := self.queue.take(translator)) is not None:
+                batch.append(self._take(job))
+                continue
             left = until - time.perf_counter()
-            if left <= 0:
-                while len(batch) < self.max_batch and not self.queue.empty():
-                    batch.append(self._take(self.queue.get_nowait()))
-                break
-            try:
-                batch.append(self._take(await asyncio.wait_for(self.queue.get(), left)))
-            except asyncio.TimeoutError:
+            if left <= 0 or not await self.queue.wait(left):
                 break
         self._depth()
         return batch
@@ -228,7 +292,7 @@ class Batcher:
             if not jobs:
                 continue
             started = time.perf_counter()  # the translator groups same-size images into forward passes
-            computing = loop.run_in_executor(None, self.translator.translate_many, [j.image for j in jobs])
+            computing = loop.run_in_executor(None, jobs[0].translator.translate_many, [j.image for j in jobs])
             self._deliver(finished)
             try:
                 out: list | Exception = await computing
@@ -246,7 +310,7 @@ class Batcher:
                 continue
             large, started = job.large, time.perf_counter()
             try:
-                painting = await asyncio.to_thread(self.translator.paint, job.image, large.stroke_scale, large.tile,
+                painting = await asyncio.to_thread(job.translator.paint, job.image, large.stroke_scale, large.tile,
                                                    large.upsampler, job.future.done)
                 out: list | Exception = [painting]
             except PaintingStopped:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.weights import SHIPPED_WEIGHTS
@@ -15,7 +15,16 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    weights: Path = SHIPPED_WEIGHTS
+    weights: Path = Field(SHIPPED_WEIGHTS, description="a generator weight file, or a folder of them: each "
+                          "*.safetensors is a style named by its file stem (POST /translate?style=NAME)")
+    default_style: str | None = Field(None, description="the style a request gets when it names none (default: "
+                                      "the shipped photo2monet when present, else the first name)")
+    max_loaded_styles: int = Field(4, ge=1, description="styles loaded at once; the least recently used one is "
+                                   "unloaded to make room (each costs its generator's weights and runtime buffers)")
+    max_styles: int = Field(32, ge=1, le=1000, description="style files read from the folder (the rest are refused)"
+                            ": bounds /styles and the metrics' style label")
+    admin_token: SecretStr | None = Field(None, description="enables POST /admin/reload (Authorization: Bearer "
+                                          "TOKEN), which reads the styles again, as SIGHUP does; unset: 404")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     backend: Literal["auto", "torch", "openvino"] = Field(

@@ -54,6 +54,14 @@ class BadRequest(Refusal):
     """A well-formed request that asks for something invalid (a multipart body without one `image` file)."""
 
 
+class UnknownStyle(Refusal):
+    """A style the catalogue does not have; the detail lists the ones it has."""
+
+
+class Unauthorized(Refusal):
+    """An admin request without the right token."""
+
+
 class ClientClosed(Refusal):
     """The client closed its connection before its answer; nobody reads the response."""
 
@@ -76,7 +84,8 @@ CLIENT_CLOSED = 499  # nginx's status for a client that closed its connection be
 
 STATUS: dict[type[Exception], int] = {
     BadImage: 400, MalformedBody: 400, NotAcceptable: 406, UploadTooSlow: 408, TooLarge: 413,
-    UnsupportedMedia: 415, BadRequest: 422, ClientClosed: CLIENT_CLOSED, NonFiniteOutput: 500,
+    UnsupportedMedia: 415, BadRequest: 422, UnknownStyle: 404, Unauthorized: 401, ClientClosed: CLIENT_CLOSED,
+    NonFiniteOutput: 500,
     Busy: 503, NotReady: 503, TimedOut: 504,
 }
 
@@ -98,8 +107,10 @@ def detail_of(exc: Exception) -> str:
 def answer(exc: Exception) -> JSONResponse:
     """The JSON answer to a refusal: its status, its detail, and Retry-After when it is temporary."""
     retry = getattr(exc, "retry_after", None)
-    return JSONResponse({"detail": detail_of(exc)}, status_code=status_of(exc),
-                        headers={"Retry-After": str(retry)} if retry is not None else None)
+    headers = {"Retry-After": str(retry)} if retry is not None else {}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"detail": detail_of(exc)}, status_code=status_of(exc), headers=headers or None)
 
 
 def install(app: FastAPI) -> None:

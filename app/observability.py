@@ -30,6 +30,12 @@ class Metrics:
                                registry=self.registry)
         self.in_progress = Gauge("monet_requests_in_progress", "HTTP requests being answered (the metrics "
                                  "request that reads it included)", registry=self.registry)
+        self.paintings = Counter("monet_paintings", "paintings answered, by style (the catalogue's names: at most "
+                                 "MONET_MAX_STYLES)", ["style"], registry=self.registry)
+        self.styles_loaded = Gauge("monet_styles_loaded", "styles loaded (warmed up, in memory)",
+                                   registry=self.registry)
+        self.reloads = Counter("monet_reloads", "style reloads (SIGHUP, POST /admin/reload) by outcome: ok, or "
+                               "refused when some file was refused", ["outcome"], registry=self.registry)
         self.connections_refused = Counter(
             "monet_connections_refused", "connections closed by the server before a request: busy (over "
             "MONET_MAX_CONNECTIONS, all in requests), evicted (the oldest idle one, to make room), header_timeout",
@@ -84,4 +90,5 @@ class ObservabilityMiddleware:
                     "method": scope.get("method"), "path": scope.get("path"), "route": route, "status": status,
                     "ms": round((time.perf_counter() - started) * 1000, 2),
                     "client": (scope.get("client") or ["?"])[0],
+                    **({"style": style} if (style := scope["state"].get("style")) else {}),
                 }))

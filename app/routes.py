@@ -1,14 +1,15 @@
 """HTTP routes: parse, call the service, encode. Nothing else lives here."""
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import NotAcceptable
+from app.errors import NotAcceptable, Unauthorized
 from app.imaging import negotiate
 from app.service import PaintingService
 from app.uploads import image_bytes
@@ -28,8 +29,10 @@ IMAGE_BODY = {
     }
 }
 ERRORS = {code: {"description": text, "content": {"application/json": {"example": {"detail": text}}}} for code, text in {
-    400: "not an image, or damaged", 406: "no acceptable output format", 413: "body or image too large",
+    400: "not an image, or damaged", 404: "unknown style (the detail lists the styles)",
+    406: "no acceptable output format", 413: "body or image too large",
     415: "unsupported content type or image format", 422: "bad parameters", 503: "busy or loading (see Retry-After)",
+    401: "a valid admin token is needed",
     504: "deadline passed before the request's turn"}.items()}
 
 
@@ -40,14 +43,16 @@ def service_of(request: Request) -> PaintingService:
 @router.post("/translate", response_class=Response, openapi_extra=IMAGE_BODY,
              responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
                               "description": "the Monet-style painting, same size and orientation as the upload"},
-                        **ERRORS})
+                        **{code: e for code, e in ERRORS.items() if code != 401}})
 async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | None = Query(
         None, description="output format; otherwise chosen from the Accept header (default png)"),
         strength: float = Query(1.0, ge=0.0, le=1.0, description="how much painting: 1 the painting, 0 the photo, "
                                 "in between a blend of the two"),
         stroke_scale: float | None = Query(None, ge=1.0, le=64.0, description="paint at 1/stroke_scale of the "
                                            "size and bring the painting back to full size, for strokes that many "
-                                           "times larger; default: the longer side / 1024, at least 1")) -> Response:
+                                           "times larger; default: the longer side / 1024, at least 1"),
+        style: str | None = Query(None, max_length=64, description="the style to paint in (GET /styles lists "
+                                  "them); default: the server's default style")) -> Response:
     """Paint the uploaded photo in Monet's style (multipart field `image`, or a raw image/* body)."""
     service = service_of(request)
     arrived = getattr(request.state, "arrived", None)  # stamped by the middleware as the request came in
@@ -59,11 +64,35 @@ async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | N
     # the body is read before any 503: a drain's answer closes the connection, and closing on unread bytes
     # resets it (the client would see the reset, not the answer)
     painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength,
-                                   arrived=arrived, stroke_scale=stroke_scale)
+                                   arrived=arrived, stroke_scale=stroke_scale, style=style)
+    request.state.style = painting.style  # for the access log
     t = painting.timing
     return Response(painting.data, media_type=painting.media_type, headers={
         "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),
-        "Server-Timing": painting.server_timing()})
+        "Server-Timing": painting.server_timing(), "X-Style": painting.style, "X-Model-Version": painting.version})
+
+
+@router.get("/styles")
+async def styles(request: Request) -> dict:
+    """The styles this server paints in: name, display name, direction, architecture, version (the weight
+    file's SHA-256, first 16 hex digits), scores, whether it is loaded; the default; files refused."""
+    return service_of(request).catalogue.describe()
+
+
+@router.post("/admin/reload", responses={401: ERRORS[401], 404: {"description": "MONET_ADMIN_TOKEN is not set"}})
+async def admin_reload(request: Request) -> dict:
+    """Read the styles again (as SIGHUP does): new files are added, changed ones replace their old version once
+    checked and warmed up, removed ones go; a bad file is refused and its old version keeps serving. Needs
+    `Authorization: Bearer MONET_ADMIN_TOKEN`."""
+    service = service_of(request)
+    token = service.settings.admin_token
+    if token is None:
+        raise HTTPException(404, "Not Found")
+    given = request.headers.get("authorization", "")
+    expected = "Bearer " + token.get_secret_value()
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("a valid admin token is needed: Authorization: Bearer MONET_ADMIN_TOKEN")
+    return await service.reload("admin")
 
 
 @router.get("/healthz")

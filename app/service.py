@@ -1,10 +1,12 @@
-"""The service layer: the model's lifecycle, and one `paint` call shared by REST and the UI."""
+"""The service layer: the styles' lifecycle (app/catalogue.py), and one `paint` call shared by REST and the UI."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -12,13 +14,14 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from app.batcher import Batcher, Large, Timing
+from app.catalogue import Catalogue
 from app.config import Settings
 from app.errors import Busy, ClientClosed, NotReady
 from app.imaging import FAST_PNG, FORMATS, DecodeBudget, Opened, blend, encode, finish_decode, open_upload
 from app.observability import Metrics
 from model.images import fitted_size
 from model.stroke import default_stroke_scale
-from model.translator import Translator
+from model.translator import FifoLock, Translator
 
 log = logging.getLogger("monet.service")
 
@@ -38,6 +41,8 @@ class Painting:
     source: np.ndarray  # the upright RGB input the painting was made from
     decode_ms: float = 0.0  # header checks, decode, resize (decode budget wait included)
     encode_ms: float = 0.0  # blend and encode
+    style: str = ""  # the style and its version (file hash) that painted it
+    version: str = ""
 
     def server_timing(self) -> str:
         """The Server-Timing header: where this request's time went."""
@@ -47,11 +52,14 @@ class Painting:
 
 
 class PaintingService:
-    """Owns the translator and the batcher. Loads the model in the background at start-up."""
+    """Owns the styles (a Catalogue of translators) and the batcher. Loads the default style in the background
+    at start-up; ``reload`` (SIGHUP, POST /admin/reload) reads the styles again."""
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
-        self.translator: Translator | None = None
+        self.model_lock = FifoLock()  # every style's forward passes take turns: one at a time on the cores
+        self.catalogue = Catalogue(settings.weights, settings.default_style, settings.max_loaded_styles,
+                                   settings.max_styles, self._translator_for, self._styles_changed)
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
         self.decode_budget = DecodeBudget(settings.decode_budget_bytes)
@@ -92,24 +100,57 @@ class PaintingService:
     def ready(self) -> bool:
         return self.readiness() is None
 
+    @property
+    def translator(self) -> Translator | None:
+        """The default style's translator (None until it is loaded)."""
+        style = self.catalogue.loaded.get(self.catalogue.default)
+        return style.translator if style is not None else None
+
+    def _translator_for(self, path) -> Translator:
+        s = self.settings
+        return Translator.from_file(path, device=s.device, precision=s.precision, max_batch=s.max_batch_size,
+                                    max_batch_pixels=s.max_batch_pixels, backend=s.backend, lock=self.model_lock)
+
+    def _styles_changed(self) -> None:
+        self.metrics.styles_loaded.set(len(self.catalogue.loaded))
+
     async def start(self) -> None:
         self._loading = asyncio.create_task(self._load())
+        if threading.current_thread() is threading.main_thread():  # the real server (not an in-process client)
+            try:
+                asyncio.get_running_loop().add_signal_handler(
+                    signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP")))
+            except (NotImplementedError, RuntimeError, ValueError, AttributeError):  # no SIGHUP (Windows)
+                pass
 
     async def _load(self) -> None:
         s = self.settings
         try:
-            self.translator = await asyncio.to_thread(
-                Translator.from_file, s.weights, device=s.device, precision=s.precision, max_batch=s.max_batch_size,
-                max_batch_pixels=s.max_batch_pixels, backend=s.backend)
+            style = await self.catalogue.open()
         except Exception as exc:  # surfaced by /readyz and 503s, the process stays up for probes
             self.load_error = str(exc)
             log.error("model not loaded: %s", exc)
             return
-        batcher = Batcher(self.translator, s.max_batch_size, s.max_batch_wait_ms / 1000, s.queue_size, self.metrics)
+        batcher = Batcher(None, s.max_batch_size, s.max_batch_wait_ms / 1000, s.queue_size, self.metrics,
+                          translators=self.catalogue.translators)
         batcher.start()
         self.batcher = batcher
-        log.info("model ready: %s on %s (%s, %s)", s.weights, self.translator.device, self.translator.dtype,
-                 self.translator.backend)
+        t = style.translator
+        log.info("model ready: %s (style %s of %d) on %s (%s, %s)", style.file.path, style.name,
+                 len(self.catalogue.files), t.device, t.dtype, t.backend)
+
+    async def reload(self, why: str) -> dict:
+        """Read the styles again (app/catalogue.py); what changed and what was refused."""
+        if self.batcher is None:
+            raise NotReady("the model is still loading; reload once it is ready", retry_after=5)
+        report = await self.catalogue.reload(why)
+        self.metrics.reloads.labels("refused" if report["refused"] else "ok").inc()
+        for name in report["removed"]:
+            try:
+                self.metrics.paintings.remove(name)
+            except KeyError:
+                pass
+        return report
 
     async def stop(self) -> None:
         if self._loading is not None and not self._loading.done():
@@ -125,6 +166,9 @@ class PaintingService:
             "ready": self.ready,
             "load_error": self.load_error,
             "model": t.info.as_dict() if t is not None and t.info is not None else None,
+            "default_style": self.catalogue.default or None,
+            "styles": {name: f.version for name, f in sorted(self.catalogue.files.items())},
+            "loaded_styles": list(self.catalogue.loaded),
             "device": str(t.device) if t is not None else None,
             "dtype": str(t.dtype).removeprefix("torch.") if t is not None else None,
             "backend": t.backend if t is not None else None,
@@ -137,25 +181,35 @@ class PaintingService:
         }
 
     async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0,
-                    arrived: float | None = None, stroke_scale: float | None = None) -> Painting:
+                    arrived: float | None = None, stroke_scale: float | None = None,
+                    style: str | None = None) -> Painting:
         """Admit the request (which ``arrived`` then: time.monotonic()), then decode ``data``, translate it through
-        the batcher, blend ``strength`` of the painting with the photo, encode as ``fmt``. ``stroke_scale``: paint
-        at 1/s of the size and bring it back (None: the image's default, model/stroke.py). Raises a Refusal
-        (app.errors) or NonFiniteOutput."""
+        the batcher in ``style`` (None: the default), blend ``strength`` of the painting with the photo, encode as
+        ``fmt``. ``stroke_scale``: paint at 1/s of the size and bring it back (None: the image's default,
+        model/stroke.py). Raises a Refusal (app.errors) or NonFiniteOutput."""
         if (refusal := self.readiness(arrived)) is not None:
             raise refusal
-        s = self.settings
+        self.catalogue.resolve(style)  # an unknown style: 404 before anything else
         with self.batcher.slot() as slot:  # admitted before any decode: under overload a 503 costs nothing
-            started = time.perf_counter()
-            opened = open_upload(data, s.max_pixels, s.max_side)  # the header only: microseconds
-            w, h = fitted_size(opened.image.size, s.max_side)
-            scale = default_stroke_scale(w, h) if stroke_scale is None else max(1.0, stroke_scale)
-            if scale > 1.0 or max(w, h) > s.tile:
-                return await self._paint_large(opened, (w, h), Large(scale, s.tile, s.upsampler), slot, fmt, gone,
-                                               strength, started)
-            image = await self._decode(opened)
-            decoded = time.perf_counter()
-            result, timing = await slot.submit(image, s.request_timeout_s, gone)
+            async with self.catalogue.use(style, self.settings.request_timeout_s) as chosen:
+                painting = await self._paint(data, fmt, gone, strength, stroke_scale, slot, chosen.translator)
+        painting.style, painting.version = chosen.name, chosen.version
+        self.metrics.paintings.labels(chosen.name).inc()
+        return painting
+
+    async def _paint(self, data: bytes, fmt: str, gone, strength: float, stroke_scale: float | None, slot,
+                     translator: Translator) -> Painting:
+        s = self.settings
+        started = time.perf_counter()
+        opened = open_upload(data, s.max_pixels, s.max_side)  # the header only: microseconds
+        w, h = fitted_size(opened.image.size, s.max_side)
+        scale = default_stroke_scale(w, h) if stroke_scale is None else max(1.0, stroke_scale)
+        if scale > 1.0 or max(w, h) > s.tile:
+            return await self._paint_large(opened, (w, h), Large(scale, s.tile, s.upsampler), slot, fmt, gone,
+                                           strength, started, translator)
+        image = await self._decode(opened)
+        decoded = time.perf_counter()
+        result, timing = await slot.submit(image, s.request_timeout_s, gone, translator=translator)
         if gone is not None and await gone():  # left during compute: skip the encode nobody would read
             raise ClientClosed("the client closed the connection before its painting was ready")
         computed = time.perf_counter()
@@ -167,7 +221,7 @@ class PaintingService:
                         (time.perf_counter() - computed) * 1000)
 
     async def _paint_large(self, opened: Opened, size: tuple[int, int], large: Large, slot, fmt: str, gone,
-                           strength: float, started: float) -> Painting:
+                           strength: float, started: float, translator: Translator) -> Painting:
         """A full-size painting (``Translator.paint`` beside the batches): its whole life (decode, painting,
         encode) holds its share of the large-painting budget, so that the full-size buffers of only so many
         large images are in memory at once; the decode itself also takes its share of the decode budget."""
@@ -179,7 +233,7 @@ class PaintingService:
                     self.metrics.decodes.inc()
                     image = await run_in_threadpool(finish_decode, opened, s.max_side)
                 decoded = time.perf_counter()
-                result, timing = await slot.submit(image, s.request_timeout_s, gone, large)
+                result, timing = await slot.submit(image, s.request_timeout_s, gone, large, translator)
                 if gone is not None and await gone():
                     raise ClientClosed("the client closed the connection before its painting was ready")
                 computed = time.perf_counter()

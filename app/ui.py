@@ -58,7 +58,7 @@ def ui_painter(service: PaintingService):
     ttl = service.settings.ui_cache_ttl_s
 
     async def paint(upload: dict | None, strength: float | None = 100, stroke: float | None = 0,
-                    progress=gr.Progress()):
+                    style: str | None = None, progress=gr.Progress()):
         # the event runs with preprocess=False: gr.Image would open the file with PIL first and fail with
         # its own message; this way every upload gets the service's limits and messages, as on REST
         path = (upload or {}).get("path")
@@ -71,7 +71,7 @@ def ui_painter(service: PaintingService):
         scale = None if not stroke else min(max(float(stroke), 1.0), 8.0)  # 0: the image's default
         progress(0.1, desc="Painting (a large photo takes a few seconds)")
         try:
-            painting = await service.paint(data, "png", strength=share, stroke_scale=scale)
+            painting = await service.paint(data, "png", strength=share, stroke_scale=scale, style=style or None)
         except (Refusal, NonFiniteOutput) as exc:
             log_ui(status_of(exc), detail_of(exc))
             raise gr.Error(detail_of(exc), print_exception=False) from None
@@ -96,9 +96,23 @@ def ui_painter(service: PaintingService):
     return paint
 
 
+def style_choices(service: PaintingService) -> tuple[list[tuple[str, str]], str | None]:
+    """The style dropdown's (label, name) choices and the default name, as the catalogue has them now."""
+    catalogue = service.catalogue
+    choices = []
+    for name, f in sorted(catalogue.files.items()):
+        shown = f.info.name or name
+        choices.append((shown if shown == name else f"{shown} ({name})", name))
+    return choices, catalogue.default or None
+
+
 def build_ui(service: PaintingService) -> gr.Blocks:
     ttl = service.settings.ui_cache_ttl_s
     paint = ui_painter(service)
+
+    def refresh_styles():  # on each page load: the styles as the last reload left them
+        choices, default = style_choices(service)
+        return gr.update(choices=choices, value=default, visible=len(choices) > 1)
 
     # Gradio deletes its copies of uploads and results older than ttl, checking every ttl/2 seconds
     with gr.Blocks(title="Monet-style photos", analytics_enabled=False,
@@ -113,6 +127,8 @@ def build_ui(service: PaintingService) -> gr.Blocks:
                                      elem_id="strength")
                 stroke = gr.Slider(0, 8, value=0, step=0.5, label="Stroke size (0: automatic from the photo's "
                                    "size; 1: pixel for pixel; 4: strokes four times larger)", elem_id="stroke")
+                style = gr.Dropdown(choices=[], label="Style", elem_id="style", visible=False,
+                                    allow_custom_value=False, interactive=True)
                 button = gr.Button("Paint it", variant="primary", elem_id="paint")
             with gr.Column(min_width=360):
                 slider = gr.ImageSlider(label="Photo | Monet", type="filepath", format="png", height=440,
@@ -122,8 +138,9 @@ def build_ui(service: PaintingService) -> gr.Blocks:
         if examples:
             gr.Examples(examples=examples, inputs=photo, label="Example photos",
                         elem_id="examples")
-        button.click(paint, inputs=[photo, strength, stroke], outputs=[slider, download], api_name="translate",
-                     preprocess=False, concurrency_limit=service.settings.max_batch_size)
+        demo.load(refresh_styles, outputs=style, api_name=False, queue=False)
+        button.click(paint, inputs=[photo, strength, stroke, style], outputs=[slider, download],
+                     api_name="translate", preprocess=False, concurrency_limit=service.settings.max_batch_size)
     return demo
 
 
