@@ -75,9 +75,10 @@ class FairQueue:
     the back; ``take(translator)`` continues the batch with the same style."""
 
     def __init__(self):
-        self._queues: OrderedDict[Translator, deque[_Job]] = OrderedDict()
+        self._queues: OrderedDict[Translator, deque[_Job]] = OrderedDict()  # whose turn comes first, first
         self._size = 0
         self._put = asyncio.Event()
+        self._last: Translator | None = None  # the style whose batch was started last
 
     def qsize(self) -> int:
         return self._size
@@ -94,8 +95,9 @@ class FairQueue:
         if translator is None:
             if not self._queues:
                 return None
-            translator = next(iter(self._queues))
-            self._queues.move_to_end(translator)  # its turn is taken: the next batch starts with another style
+            if self._last in self._queues:  # its turn is over: behind every style that waited meanwhile
+                self._queues.move_to_end(self._last)
+            translator = self._last = next(iter(self._queues))
         queue = self._queues.get(translator)
         if not queue:
             return None
@@ -171,6 +173,7 @@ class Batcher:
         self._large_worker: asyncio.Task | None = None
         self.large: asyncio.Queue[_Job] = asyncio.Queue()  # taken from the queue, painted one at a time
         self._dirty = False  # work ran since the last trim
+        self._previous: Translator | None = None  # the translator of the last batch
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="batcher")
@@ -210,10 +213,11 @@ class Batcher:
             slot.release()
 
     async def submit(self, image: np.ndarray, timeout_s: float,
-                     gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[np.ndarray, Timing]:
+                     gone: Callable[[], Awaitable[bool]] | None = None,
+                     translator: Translator | None = None) -> tuple[np.ndarray, Timing]:
         """Admit and queue one image in one call (``slot`` then ``Slot.submit``)."""
         with self.slot() as slot:
-            return await slot.submit(image, timeout_s, gone)
+            return await slot.submit(image, timeout_s, gone, translator=translator)
 
     def _depth(self) -> None:
         if self.metrics is not None:
@@ -292,13 +296,24 @@ class Batcher:
             if not jobs:
                 continue
             started = time.perf_counter()  # the translator groups same-size images into forward passes
-            computing = loop.run_in_executor(None, jobs[0].translator.translate_many, [j.image for j in jobs])
+            translator, previous = jobs[0].translator, self._previous
+            self._previous = translator
+            computing = loop.run_in_executor(None, self._compute, translator, previous, [j.image for j in jobs])
             self._deliver(finished)
             try:
                 out: list | Exception = await computing
             except Exception as exc:  # keep serving: this batch fails, the next one runs
                 out = exc
             finished.append((jobs, out, started, (time.perf_counter() - started) * 1000))
+
+    @staticmethod
+    def _compute(translator: Translator, previous: Translator | None, images: list) -> list:
+        """One batch. When the style changes, the previous style's runtime first drops the buffers that large
+        batches left it (a cheap no-op otherwise): only the style painting holds large activations, however
+        many styles are loaded."""
+        if previous is not None and previous is not translator:
+            previous.release_memory()
+        return translator.translate_many(images)
 
     async def _run_large(self) -> None:
         """Paint the large jobs one at a time (one full-size image's buffers in memory at once), each in a

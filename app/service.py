@@ -61,6 +61,7 @@ class PaintingService:
         self.catalogue = Catalogue(settings.weights, settings.default_style, settings.max_loaded_styles,
                                    settings.max_styles, self._translator_for, self._styles_changed)
         self.batcher: Batcher | None = None
+        self._painted: dict = {}  # style name -> its monet_paintings_total child
         self.load_error: str | None = None
         self.decode_budget = DecodeBudget(settings.decode_budget_bytes)
         # full-size paintings hold a budget of their own from decode to encode (their decode also takes the decode
@@ -146,10 +147,8 @@ class PaintingService:
         report = await self.catalogue.reload(why)
         self.metrics.reloads.labels("refused" if report["refused"] else "ok").inc()
         for name in report["removed"]:
-            try:
+            if self._painted.pop(name, None) is not None:
                 self.metrics.paintings.remove(name)
-            except KeyError:
-                pass
         return report
 
     async def stop(self) -> None:
@@ -194,7 +193,10 @@ class PaintingService:
             async with self.catalogue.use(style, self.settings.request_timeout_s) as chosen:
                 painting = await self._paint(data, fmt, gone, strength, stroke_scale, slot, chosen.translator)
         painting.style, painting.version = chosen.name, chosen.version
-        self.metrics.paintings.labels(chosen.name).inc()
+        counter = self._painted.get(chosen.name)
+        if counter is None:  # the labelled child, looked up once per style
+            counter = self._painted[chosen.name] = self.metrics.paintings.labels(chosen.name)
+        counter.inc()
         return painting
 
     async def _paint(self, data: bytes, fmt: str, gone, strength: float, stroke_scale: float | None, slot,

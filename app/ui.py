@@ -99,10 +99,9 @@ def ui_painter(service: PaintingService):
 def style_choices(service: PaintingService) -> tuple[list[tuple[str, str]], str | None]:
     """The style dropdown's (label, name) choices and the default name, as the catalogue has them now."""
     catalogue = service.catalogue
-    choices = []
-    for name, f in sorted(catalogue.files.items()):
-        shown = f.info.name or name
-        choices.append((shown if shown == name else f"{shown} ({name})", name))
+    shown = {name: f.info.name or name for name, f in sorted(catalogue.files.items())}
+    labels = list(shown.values())
+    choices = [(label if labels.count(label) == 1 else f"{label} ({name})", name) for name, label in shown.items()]
     return choices, catalogue.default or None
 
 

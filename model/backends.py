@@ -23,6 +23,7 @@ import argparse
 import copy
 import importlib.util
 import sys
+import threading
 import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -35,6 +36,7 @@ from model.networks import for_inference
 from model.runtime import compute_threads
 
 BACKENDS = ("auto", "torch", "openvino")
+_CONVERT_LOCK = threading.Lock()
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
@@ -203,6 +205,34 @@ def convert(generator: nn.Module, uint8_images: bool = False, rewrite: bool = Tr
         return ov.convert_model(module, example_input=example, input=shape)
 
 
+_CONVERTED: OrderedDict = OrderedDict()  # content key -> the uint8 OpenVINO model, most recently used last
+CONVERTED_KEEP = 8
+
+
+def converted(generator: nn.Module):
+    """``convert(generator, uint8_images=True)``, reusing the model of a generator with the same weights when
+    one was converted lately. OpenVINO's PyTorch front end keeps about 11 MB per conversion for good (measured
+    with the shipped-size generator, torch 2.14, OpenVINO 2025), so a server that unloads and reloads styles
+    (app/catalogue.py) would grow with every reload; with the cache a style's version is converted once. The
+    key is a hash of the tensors' bytes (about 10 ms for the shipped generator)."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(sorted(generator.spec.settings.items())).encode())
+    for name, tensor in generator.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    key = (generator.spec.architecture, digest.hexdigest())
+    with _CONVERT_LOCK:
+        model = _CONVERTED.get(key)
+        if model is None:
+            model = convert(generator, uint8_images=True)
+            _CONVERTED[key] = model
+        _CONVERTED.move_to_end(key)
+        while len(_CONVERTED) > CONVERTED_KEEP:
+            _CONVERTED.popitem(last=False)
+        return model
+
+
 class OpenVINOBackend:
     """The generator compiled by OpenVINO on CPU: uint8 (N, H, W, 3) images in (numpy or torch), uint8
     paintings of the same kind out, with an all-finite flag.
@@ -227,7 +257,7 @@ class OpenVINOBackend:
         self.config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
         self.throughput_config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT",
                                   "NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": threads}
-        self.model = convert(generator, uint8_images=True)
+        self.model = converted(generator)
         self.request = self.queue = None
         self.peak_pixels = 0
         self._compile(many=False)

@@ -57,6 +57,7 @@ class Translator:
         max_batch_pixels: int = 2 * 1024 * 1024,
         backend: str = "auto",
         cuda_graphs: bool = True,
+        lock: "FifoLock | None" = None,
     ):
         self.device = resolve_device(device)
         self.dtype = pick_dtype(self.device, precision)
@@ -71,8 +72,9 @@ class Translator:
         self.backend = resolve_backend(backend, self.device)  # its name: "torch" or "openvino"
         self._run = make_backend(self.backend, generator, self.device, self.dtype, cuda_graphs=cuda_graphs)
         # one forward at a time (concurrent ones only fight over the cores), taken in the order asked: between
-        # two tiles of a large painting, a batch that waits goes first
-        self._lock = FifoLock()
+        # two tiles of a large painting, a batch that waits goes first; translators given one ``lock`` (a
+        # server's styles) take turns with each other the same way
+        self._lock = lock if lock is not None else FifoLock()
         self._generator, self._shared = generator, None  # the tiled path's copy is built on first use
         if warmup:
             self.translate_arrays(np.zeros((1, 256, 256, 3), dtype=np.uint8))

@@ -191,3 +191,21 @@ def test_weights_info_prints_the_description_and_version(weights_file):
     described = json.loads(r.stdout)
     assert described["architecture"] == "resnet" and described["version"] == file_version(weights_file)
     assert described["settings"]["ngf"] == 8
+
+
+def test_the_model_card_has_hugging_face_front_matter_that_matches_the_file():
+    import yaml
+
+    from model.weights import SHIPPED_WEIGHTS
+
+    card = (SHIPPED_WEIGHTS.parent / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n", 2)[1])
+    assert meta["license"] == "mit" and meta["library_name"] and meta["pipeline_tag"] == "image-to-image"
+    (result,) = meta["model-index"][0]["results"]
+    kid = {m["name"]: m["value"] for m in result["metrics"] if m["type"] == "kid"}
+    info, _ = read_info(SHIPPED_WEIGHTS)
+    assert info.name == "Claude Monet"
+    assert kid["KID (Inception-v3, 100 subsets)"] == info.scores["heldout_kid"]
+    assert kid["KID of the raw photos (baseline)"] == info.scores["raw_photos_kid"]
+    assert f"**{info.scores['heldout_kid']}" in card  # the card's own table says the same

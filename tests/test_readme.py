@@ -1,10 +1,12 @@
-"""The README's "Your own style" section, command by command, on tiny images: the README can't drift
-from the code. Long settings are shrunk by appending flags (the last occurrence of a flag wins)."""
+"""The README's "Your own style" section, command by command (the installed console scripts), on tiny images:
+the README can't drift from the code. Long settings are shrunk by appending flags (the last occurrence of a flag wins)."""
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 
@@ -44,9 +46,10 @@ def test_your_own_style_commands_run_in_order(tmp_path):
             img = photo(40, 40, seed=i + (100 if grey else 0) + (50 if name == "held_out" else 0))
             (img.convert("L").convert("RGB") if grey else img).save(data / name / f"{i}.jpg")
     commands = section_commands()
-    assert [c.split()[0] for c in commands] == ["python", "ls", "tensorboard", "python", "python", "python",
-                                               "MONET_WEIGHTS=runs/my-style/best.safetensors"]
+    assert [c.split()[0] for c in commands] == ["monet-train", "ls", "tensorboard", "monet-train", "monet-evaluate",
+                                               "python", "mkdir", "MONET_WEIGHTS=styles"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    (tmp_path / "weights").symlink_to(ROOT / "weights")  # the shipped generator, as in a clone
     for command in commands:
         words = shlex.split(command)
         extra_env = {}
@@ -55,7 +58,14 @@ def test_your_own_style_commands_run_in_order(tmp_path):
             extra_env[key] = value
         if words[0] == "python":
             words[0] = sys.executable
-        if words[1:3] == ["-m", "training.fit"]:
+        if words[0] == "mkdir":  # a shell line (mkdir && cp && cp)
+            r = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, (command, r.stderr)
+            continue
+        if words[0].startswith("monet-"):  # the installed console scripts
+            words[0] = shutil.which(words[0]) or shutil.which(words[0], path=str(Path(sys.executable).parent))
+            assert words[0], "the console scripts are missing: pip install -e ."
+        if Path(words[0]).name == "monet-train":
             words += TINY_FIT if "--resume" not in words else ["--steps", "6"]
         if words[0] == "tensorboard":
             port = free_port()
@@ -67,7 +77,7 @@ def test_your_own_style_commands_run_in_order(tmp_path):
             finally:
                 stop(proc)
             continue
-        if words[1:3] == ["-m", "app"]:
+        if Path(words[0]).name == "monet-serve":
             port = free_port()
             app_env = {**env, **extra_env, "MONET_PORT": str(port), "MONET_DEVICE": "cpu", "MONET_UI": "false"}
             app_env["MONET_WEIGHTS"] = str(tmp_path / extra_env["MONET_WEIGHTS"])
@@ -75,9 +85,15 @@ def test_your_own_style_commands_run_in_order(tmp_path):
                                     stderr=subprocess.STDOUT, text=True)
             try:
                 wait_http(f"http://127.0.0.1:{port}/readyz", proc)
-                info = httpx.get(f"http://127.0.0.1:{port}/info").json()
-                assert info["model"]["path"].endswith("runs/my-style/best.safetensors")
-                assert info["model"]["training"]["preset"] == "cpu"
+                styles = httpx.get(f"http://127.0.0.1:{port}/styles").json()
+                assert styles["default"] == "photo2monet"
+                assert [s["name"] for s in styles["styles"]] == ["my-style", "photo2monet"]
+                mine = styles["styles"][0]
+                assert mine["training"]["preset"] == "cpu" and mine["settings"]["ngf"] == 8
+                r = httpx.post(f"http://127.0.0.1:{port}/translate", params={"style": "my-style"},
+                               files={"image": ("p.jpg", (data / "held_out" / "0.jpg").read_bytes(), "image/jpeg")},
+                               timeout=60)
+                assert r.status_code == 200 and r.headers["x-style"] == "my-style"
             finally:
                 stop(proc)
             continue

@@ -123,3 +123,33 @@ def test_api_docs_render_offline(server, browser):
     assert "/translate" in operations and "/healthz" in operations, operations
     assert watch.external == [], watch.external
     assert watch.failed == [], watch.failed
+
+
+def test_the_style_dropdown_paints_in_the_chosen_style(browser, tmp_path):
+    import httpx
+
+    folder = tmp_path / "styles"
+    folder.mkdir()
+    save_generator(folder / "alpha.safetensors", small_generator(seed=1), name="Alpha")
+    save_generator(folder / "beta.safetensors", small_generator(seed=2), name="Beta")
+    srv = Server(folder).wait_ready()
+    try:
+        src = tmp_path / "p.jpg"
+        photo(96, 64).save(src)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        watch = Watch(page, srv.url)
+        page.goto(srv.url + "/ui/", wait_until="networkidle")
+        dropdown = page.locator("#style input").first
+        dropdown.wait_for(state="visible", timeout=30_000)
+        assert dropdown.input_value() == "Alpha"  # the default style
+        dropdown.click()
+        page.get_by_role("option", name="Beta").click()
+        assert dropdown.input_value() == "Beta"
+        page.locator("#photo input[type=file]").set_input_files(str(src))
+        page.locator("#paint").click()
+        page.locator("#download a").first.wait_for(timeout=60_000)
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert 'monet_paintings_total{style="beta"} 1.0' in metrics and 'style="alpha"' not in metrics, metrics
+        assert watch.failed == [] and watch.external == [], (watch.failed, watch.external)
+    finally:
+        srv.stop()
