@@ -10,7 +10,7 @@ from fastapi_offline import FastAPIOffline
 from app import errors
 from app.config import Settings
 from app.observability import Metrics, ObservabilityMiddleware
-from app.routes import router
+from app.routes import admin, router
 from app.service import PaintingService
 from app.uploads import UploadBudget
 
@@ -34,6 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.state.upload_budget = UploadBudget(settings.upload_buffer_bytes)
     app.include_router(router)
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():  # an empty token: unset
+        app.include_router(admin)
 
     errors.install(app)  # refusals -> status codes, in one place
 
