@@ -105,3 +105,6 @@ def test_your_own_style_commands_run_in_order(tmp_path):
             assert r.stdout.split(), "no sample grids written"
     run = tmp_path / "runs" / "my-style"
     assert (run / "best.safetensors").is_file() and (run / "last.safetensors").is_file()
+    from model.weights import read_info
+
+    assert read_info(run / "last.safetensors")[0].name == "My style"

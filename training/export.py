@@ -1,5 +1,6 @@
-"""`python -m training.export CHECKPOINT|RUN_DIR OUT.safetensors [--fp16]`: write the photo->Monet
-generator of a training checkpoint as a weight file the translator and the service load."""
+"""`python -m training.export CHECKPOINT|RUN_DIR OUT.safetensors [--fp16] [--name "My style"]`: write the
+photo->Monet generator of a training checkpoint as a weight file the translator and the service load
+(``--name``: the display name a server's /styles and style dropdown show)."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ def training_summary(cfg: TrainConfig, state: dict) -> dict:
     return {"preset": cfg.preset, "config": cfg.__dict__, "step": state["step"]} | state.get("summary", {})
 
 
-def export_checkpoint(checkpoint: Path, out: Path, fp16: bool = False) -> Path:
+def export_checkpoint(checkpoint: Path, out: Path, fp16: bool = False, name: str | None = None) -> Path:
     """Export the photo->Monet generator G of ``checkpoint`` (or of a run folder's latest) to ``out``;
     its EMA copy when the run kept one."""
     checkpoint = Path(checkpoint)
@@ -32,7 +33,8 @@ def export_checkpoint(checkpoint: Path, out: Path, fp16: bool = False) -> Path:
     else:
         prefix = "G."
         generator.load_state_dict({k[len(prefix):]: v for k, v in state["generators"].items() if k.startswith(prefix)})
-    save_generator(out, generator, training=training_summary(cfg, state), dtype=torch.float16 if fp16 else None)
+    save_generator(out, generator, training=training_summary(cfg, state), dtype=torch.float16 if fp16 else None,
+                   name=name)
     return Path(out)
 
 
@@ -41,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a checkpoint file, or a run folder (its latest checkpoint)")
     parser.add_argument("out", type=Path, help="the .safetensors file to write")
     parser.add_argument("--fp16", action="store_true", help="store tensors in float16 (half the size)")
+    parser.add_argument("--name", help="the style's display name (in a server's /styles and the UI's dropdown)")
     args = parser.parse_args(argv)
     try:
-        path = export_checkpoint(args.checkpoint, args.out, fp16=args.fp16)
+        path = export_checkpoint(args.checkpoint, args.out, fp16=args.fp16, name=args.name)
     except (CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
