@@ -182,6 +182,13 @@ def load_generator(path: str | os.PathLike) -> tuple[nn.Module, GeneratorInfo]:
         generator = build_generator(info.architecture, **info.settings)
     except ValueError as exc:
         raise WeightsError(f"{info.path}: {exc}") from None
+    return load_checked(generator, tensors, info.path, f"a {info.architecture} generator {info.settings}"), info
+
+
+def load_checked(generator: nn.Module, tensors: dict[str, torch.Tensor], source: str, what: str) -> nn.Module:
+    """Load ``tensors`` into ``generator`` (fp32, eval mode) after checking that they are exactly its state
+    dict's keys and shapes and hold finite values. Raises WeightsError naming ``source`` (and ``what`` the
+    generator is)."""
     expected = generator.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -191,14 +198,14 @@ def load_generator(path: str | os.PathLike) -> tuple[nn.Module, GeneratorInfo]:
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise WeightsError(f"{info.path}: tensors don't match a {info.architecture} generator {info.settings}: " + ", ".join(parts))
+        raise WeightsError(f"{source}: tensors don't match {what}: " + ", ".join(parts))
     for key in sorted(tensors):
         t = tensors[key]
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise WeightsError(f"{info.path}: tensor {key} holds non-finite values (NaN or Inf); the file is "
+            raise WeightsError(f"{source}: tensor {key} holds non-finite values (NaN or Inf); the file is "
                                "damaged or its training diverged")
     generator.load_state_dict({k: v.float() for k, v in tensors.items()})
-    return generator.eval(), info
+    return generator.eval()
 
 
 def file_version(path: str | os.PathLike) -> str:
@@ -245,20 +252,7 @@ def reference_generator(state: dict[str, torch.Tensor], source: str = "checkpoin
         raise WeightsError(f"{source}: no final 7x7 convolution model.{10 + n + 7}.weight")
     generator = build_generator("resnet", input_nc=input_nc, output_nc=int(last.shape[0]), ngf=ngf, n_blocks=n,
                                 upsample="transpose")
-    expected = generator.state_dict()
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(set(renamed) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(renamed) if expected[k].shape != renamed[k].shape)
-    if missing or unexpected or wrong:
-        example = (missing or unexpected or wrong)[0]
-        raise WeightsError(f"{source}: tensors don't match a reference ResnetGenerator (ngf {ngf}, {n} blocks): "
-                           f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of the wrong shape "
-                           f"(e.g. {example})")
-    for key, value in renamed.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise WeightsError(f"{source}: tensor {key} holds non-finite values (NaN or Inf)")
-    generator.load_state_dict({k: v.float() for k, v in renamed.items()})
-    return generator.eval()
+    return load_checked(generator, renamed, source, f"a reference ResnetGenerator (ngf {ngf}, {n} blocks)")
 
 
 def import_reference(checkpoint: str | os.PathLike, out: str | os.PathLike, name: str | None = None,
