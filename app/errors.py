@@ -113,6 +113,11 @@ def answer(exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail_of(exc)}, status_code=status_of(exc), headers=headers or None)
 
 
+def server_fault() -> JSONResponse:
+    """The answer to an unexpected fault of the server's own (logged where it is caught)."""
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
 def install(app: FastAPI) -> None:
     """Answer every refusal and model fault raised under ``app``'s routes through ``answer``."""
 

@@ -9,6 +9,7 @@ from fastapi_offline import FastAPIOffline
 
 from app import errors
 from app.config import Settings
+from app.fastpath import TranslateEndpoint, fast_params
 from app.observability import Metrics, ObservabilityMiddleware
 from app.routes import admin, router
 from app.service import PaintingService
@@ -45,7 +46,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app = mount_ui(app, service)
     app.add_middleware(ArrivalGate, service=service)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: it counts and logs the gate's 503s
+    take_fast_path(app, ObservabilityMiddleware(ArrivalGate(TranslateEndpoint(app), service), metrics))
     return app
+
+
+def take_fast_path(app: FastAPI, fast) -> None:
+    """Put ``fast`` in front of the app's whole stack for a POST /translate whose query ``fast_params`` reads
+    (app/fastpath.py); every other request goes through the stack Starlette builds, as before. (FastAPIOffline
+    builds the FastAPI object, so this wraps what it builds rather than subclassing it.)"""
+    build = app.build_middleware_stack
+
+    def build_with_fast_path():
+        stack = build()
+
+        async def dispatch(scope, receive, send) -> None:
+            if (scope["type"] == "http" and scope["path"] == "/translate" and scope["method"] == "POST"
+                    and (params := fast_params(scope.get("query_string", b""))) is not None):
+                scope["app"], scope["fast_params"] = app, params
+                await fast(scope, receive, send)
+                return
+            await stack(scope, receive, send)
+
+        return dispatch
+
+    app.build_middleware_stack = build_with_fast_path
 
 
 class ArrivalGate:

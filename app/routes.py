@@ -66,10 +66,7 @@ async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | N
     painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength,
                                    arrived=arrived, stroke_scale=stroke_scale, style=style)
     request.state.style = painting.style  # for the access log
-    t = painting.timing
-    return Response(painting.data, media_type=painting.media_type, headers={
-        "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),
-        "Server-Timing": painting.server_timing(), "X-Style": painting.style, "X-Model-Version": painting.version})
+    return painting.response()
 
 
 @router.get("/styles")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 
 from app.batcher import Batcher, Large, Timing
 from app.catalogue import Catalogue
@@ -43,6 +44,13 @@ class Painting:
     encode_ms: float = 0.0  # blend and encode
     style: str = ""  # the style and its version (file hash) that painted it
     version: str = ""
+
+    def response(self) -> Response:
+        """The HTTP answer: the image, and headers that say where its time went and which style made it."""
+        t = self.timing
+        return Response(self.data, media_type=self.media_type, headers={
+            "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),
+            "Server-Timing": self.server_timing(), "X-Style": self.style, "X-Model-Version": self.version})
 
     def server_timing(self) -> str:
         """The Server-Timing header: where this request's time went."""

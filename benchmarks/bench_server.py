@@ -14,12 +14,23 @@ Measured in one run, one after the other, for each size:
 The server's Server-Timing headers (decode, queue, compute, encode) are averaged; the rest of the latency
 is HTTP, routing and scheduling. "Outside the forward pass" is the share of a request's time not in compute
 (on CUDA: the host's share).
+
+    python -m benchmarks.bench_server --overhead [--against REV] [--repeats 2] [--seconds 15]
+
+One server process's own ceiling, whatever the model: a near-free generator, 256x256 JPEGs in and PNGs out,
+raw and multipart bodies, --clients keep-alive connections from one asyncio loop on raw sockets (httpx would
+cost the 2 cores more than the server does); requests/s, p50/p99, the 1-client p50 and the server process's
+CPU milliseconds per request. ``--against REV`` runs REV's server (a git worktree) the same way, alternating.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import io
+import json
+import os
+import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +39,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tools.serving import start_app
+from tools.serving import Server, start_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,6 +170,106 @@ def run_server(weights, device, max_batch, wait_ms, clients, bodies, seconds) ->
         proc.wait(30)
 
 
+async def keep_alive_load(port: int, requests: list[bytes], clients: int, seconds: float) -> dict:
+    """``clients`` keep-alive connections from one asyncio loop on raw sockets, each sending ``requests`` in turn
+    back to back for ``seconds``: a client that costs the 2 cores far less per request than httpx does (about
+    0.1 ms against 1-2 ms), so the figure is the server's, not the client's. Requests/s of 200s, their latency
+    percentiles, and the other answers."""
+    latencies, other = [], 0
+
+    async def client(i: int) -> None:
+        nonlocal other
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        k = i
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            writer.write(requests[k % len(requests)])
+            k += clients
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            if head[9:12] == b"200":
+                latencies.append(time.perf_counter() - t0)
+            else:
+                other += 1
+        writer.close()
+
+    stop_at = time.perf_counter() + 1.0  # a second of warm-up on every connection
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    latencies.clear()
+    other = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"requests_per_s": len(ms) / elapsed, "other_answers": other,
+            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user + system CPU time of process ``pid`` so far (Linux /proc; all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def overhead(args, bodies: list[bytes]) -> dict:
+    """One server process's own ceiling with a near-free model: requests/s at ``args.clients`` keep-alive
+    clients and the 1-client p50, for raw and multipart bodies (256x256 JPEG in, PNG out), and the server's CPU
+    milliseconds per request; with ``--against REV`` the same for REV's code (a git worktree), alternating."""
+    from benchmarks.bench_overload import request_bytes
+
+    weights = Path(tempfile.mkdtemp()) / "near-free.safetensors"
+    save_generator(weights, init_weights(ResnetGenerator(ngf=4, n_blocks=1)))
+    roots = {"ours": ROOT}
+    worktree = None
+    if args.against:
+        worktree = Path(tempfile.mkdtemp(prefix="bench_server_rev_"))
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.against],
+                       check=True, capture_output=True)
+        roots = {f"main ({args.against})": worktree, "ours": ROOT}
+    kinds = {kind: [request_bytes(b, kind == "multipart").replace(b"Connection: close", b"Connection: keep-alive")
+                    for b in bodies] for kind in ("raw", "multipart")}
+    report: dict = {name: {kind: [] for kind in kinds} for name in roots}
+    try:
+        for round_ in range(args.repeats):
+            for name, root in roots.items():
+                server = Server({"MONET_WEIGHTS": str(weights), "MONET_DEVICE": args.device, "MONET_UI": "false",
+                                 "MONET_MAX_BATCH_SIZE": str(args.max_batch),
+                                 "MONET_QUEUE_SIZE": str(max(64, args.clients * 2))}, root=root).wait_ready()
+                try:
+                    for kind, requests in kinds.items():
+                        cpu0 = cpu_seconds(server.proc.pid)
+                        many = asyncio.run(keep_alive_load(server.port, requests, args.clients, args.seconds))
+                        cpu_ms = (cpu_seconds(server.proc.pid) - cpu0) * 1000 / max(1, many["requests_per_s"] * (
+                            args.seconds + 1.0))  # the warm-up second's requests are counted in the CPU time too
+                        one = asyncio.run(keep_alive_load(server.port, requests, 1, args.seconds / 3))
+                        row = {"requests_per_s": many["requests_per_s"], "p50": many["p50"], "p99": many["p99"],
+                               "other_answers": many["other_answers"] + one["other_answers"],
+                               "one_client_p50": one["p50"], "server_cpu_ms_per_request": cpu_ms}
+                        report[name][kind].append(row)
+                        print(f"round {round_ + 1} {name:>18} {kind:>9}: {row['requests_per_s']:7.1f} requests/s "
+                              f"({args.clients} clients; p50 {row['p50']:.1f} ms, p99 {row['p99']:.1f} ms), 1 client "
+                              f"p50 {row['one_client_p50']:.2f} ms, server CPU {cpu_ms:.2f} ms/request, "
+                              f"other answers {row['other_answers']}", flush=True)
+                finally:
+                    server.stop()
+    finally:
+        if worktree is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
+    print("\nbest of the rounds (requests/s), median 1-client p50:")
+    for kind in kinds:
+        best = {name: max(r["requests_per_s"] for r in report[name][kind]) for name in roots}
+        p50 = {name: statistics.median(r["one_client_p50"] for r in report[name][kind]) for name in roots}
+        line = ", ".join(f"{name} {best[name]:.1f} (1-client p50 {p50[name]:.2f} ms)" for name in roots)
+        if len(roots) == 2:
+            a, b = best.values()
+            line += f"; ratio {b / a:.2f}x"
+        print(f"  {kind}: {line}")
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=None, help="default 8 on CPU, 256 on CUDA")
@@ -172,16 +283,21 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--overhead", action="store_true",
                    help="serve a near-free random generator (ngf 4, 1 block): the HTTP, decode and encode path's own "
-                        "ceiling, i.e. how many requests/s one server process can take whatever the model")
+                        "ceiling, i.e. how many requests/s one server process can take whatever the model; 256x256 "
+                        "JPEG in, PNG out, raw and multipart bodies, from keep-alive raw-socket clients")
+    p.add_argument("--against", help="--overhead: also measure this git revision (a worktree), alternating")
+    p.add_argument("--repeats", type=int, default=2, help="--overhead: rounds of each")
     args = p.parse_args()
     cuda = resolve_device(args.device).type == "cuda"
     args.clients = args.clients or (256 if cuda else 8)
     args.max_batch = args.max_batch or (64 if cuda else 8)
     ceiling_batches = (1, 16, 32, 64, 128) if cuda else (1, 2, 4, 8)
-    weights = args.weights or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.exists() and not args.overhead else None)
     if args.overhead:
-        weights = Path(tempfile.mkdtemp()) / "near-free.safetensors"
-        save_generator(weights, init_weights(ResnetGenerator(ngf=4, n_blocks=1)))
+        report = overhead(args, jpegs(16, args.photos, (256, 256)))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+        return
+    weights = args.weights or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.exists() else None)
     if weights is None:
         weights = Path(tempfile.mkdtemp()) / "random9.safetensors"
         save_generator(weights, init_weights(ResnetGenerator()))
@@ -223,8 +339,6 @@ def main() -> None:
             print(f"  where the time goes, {name} (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in b.items()) +
                   f"; total {res['mean']:.1f}; outside the forward pass {host:.0%}")
     if args.json:
-        import json
-
         args.json.write_text(json.dumps(report, indent=1))
 
 

@@ -41,17 +41,18 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
 class Server:
     """`python -m app` in a subprocess with ``env`` on top of this process's environment (``settings`` become
     MONET_* variables: ``queue_size=1`` is MONET_QUEUE_SIZE=1). Its output goes to ``log`` (a path, readable
-    through ``output()``) or to ``stdout`` (an open file); else it is discarded."""
+    through ``output()``) or to ``stdout`` (an open file); else it is discarded. ``root``: the checkout whose
+    code runs (a benchmark's git worktree of another revision)."""
 
     def __init__(self, env: dict | None = None, log: Path | None = None, stdout=None, port: int | None = None,
-                 **settings):
+                 root: Path = ROOT, **settings):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full = {**os.environ, "MONET_DEVICE": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
         full.update({f"MONET_{k.upper()}": str(v) for k, v in settings.items()})
         full["MONET_PORT"] = str(self.port)
         self.log = open(log, "w+") if log is not None else None
-        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full,
+        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=root, env=full,
                                      stdout=self.log or stdout or subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180) -> "Server":
