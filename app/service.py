@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from app.errors import Busy, ClientClosed, NotReady
 from app.imaging import FAST_PNG, FORMATS, DecodeBudget, Opened, blend, encode, finish_decode, open_upload
 from app.observability import Metrics
 from model.images import fitted_size
+from model.runtime import cpu_cores
 from model.stroke import default_stroke_scale
 from model.translator import FifoLock, Translator
 
@@ -28,10 +30,10 @@ log = logging.getLogger("monet.service")
 
 
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered, behind a load balancer
-# Images up to this size are decoded and encoded on the event loop: at 256x256 a decode takes about 1 ms and
-# an fpng/JPEG encode 0.1-0.2 ms, less than handing the work to a thread and back under load.
-INLINE_PIXELS = 512 * 512
-INLINE_COST = INLINE_PIXELS * 12  # the decode budget's cost of such an image (open_upload's estimate)
+# Images up to this size are decoded and encoded on the codec threads (PaintingService.codecs), one hop each
+# way; larger ones on anyio's worker threads, where a decode of seconds cannot hold up the small ones.
+SMALL_PIXELS = 512 * 512
+SMALL_COST = SMALL_PIXELS * 12  # the decode budget's cost of such an image (open_upload's estimate)
 
 
 @dataclass
@@ -78,6 +80,8 @@ class PaintingService:
         # time.monotonic() of the SIGTERM: finish what arrived before it, take nothing new
         self.drain_started = float("inf")
         self._loading: asyncio.Task | None = None
+        # small images' decodes and encodes (libjpeg-turbo, fpng and Pillow release the GIL): one thread per core
+        self.codecs = ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="codec")
 
     def start_draining(self) -> None:
         self.drain_started = time.monotonic()
@@ -164,6 +168,7 @@ class PaintingService:
             self._loading.cancel()
         if self.batcher is not None:
             await self.batcher.stop()
+        self.codecs.shutdown(wait=False)
 
     def info(self) -> dict:
         s = self.settings
@@ -223,8 +228,8 @@ class PaintingService:
         if gone is not None and await gone():  # left during compute: skip the encode nobody would read
             raise ClientClosed("the client closed the connection before its painting was ready")
         computed = time.perf_counter()
-        if image.size <= INLINE_PIXELS * 3 and (fmt == "jpeg" or (fmt == "png" and FAST_PNG)):
-            body = encode(blend(image, result, strength), fmt)  # well under a millisecond: no thread hop
+        if image.size <= SMALL_PIXELS * 3 and (fmt == "jpeg" or (fmt == "png" and FAST_PNG)):
+            body = await self._on_codec_thread(encode_blend, image, result, strength, fmt)
         else:
             body = await run_in_threadpool(lambda: encode(blend(image, result, strength), fmt))
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
@@ -254,6 +259,13 @@ class PaintingService:
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
 
+    async def _on_codec_thread(self, fn, *args):
+        """``fn(*args)`` for a small image's decode or encode, on the codec threads: the event loop's own time per
+        request is the ceiling of the process (on a GPU, all there is), and a 256x256 decode and PNG encode
+        took two thirds of it when they ran on the loop (docs/architecture.md). ``run_in_executor`` is one
+        hop, a fraction of anyio's ``to_thread`` cost."""
+        return await asyncio.get_running_loop().run_in_executor(self.codecs, fn, *args)
+
     async def _decode(self, opened: Opened) -> np.ndarray:
         """Wait for a share of the decode budget, decode. Raises BadImage, or Busy when the budget stays taken
         past the request's deadline."""
@@ -261,9 +273,14 @@ class PaintingService:
         try:
             async with self.decode_budget.hold(opened.cost, s.request_timeout_s):
                 self.metrics.decodes.inc()
-                if opened.cost <= INLINE_COST:  # cheaper than the hop to a worker thread and back
-                    return finish_decode(opened, s.max_side)
+                if opened.cost <= SMALL_COST:
+                    return await self._on_codec_thread(finish_decode, opened, s.max_side)
                 return await run_in_threadpool(finish_decode, opened, s.max_side)
         except asyncio.TimeoutError:
             opened.image.close()
             raise Busy("the server is busy decoding other large images; retry shortly") from None
+
+
+def encode_blend(photo: np.ndarray, painting: np.ndarray, strength: float, fmt: str) -> bytes:
+    """``strength`` of the painting blended with the photo, encoded as ``fmt``."""
+    return encode(blend(photo, painting, strength), fmt)

@@ -208,9 +208,11 @@ async def keep_alive_load(port: int, requests: list[bytes], clients: int, second
             "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
-def cpu_seconds(pid: int) -> float:
-    """The user + system CPU time of process ``pid`` so far (Linux /proc; all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """The user + system CPU time so far of process ``pid`` (all its threads), or of its ``thread`` (Linux
+    /proc; the main thread's id is the pid: the event loop's own time)."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -240,32 +242,39 @@ def overhead(args, bodies: list[bytes]) -> dict:
                                  "MONET_QUEUE_SIZE": str(max(64, args.clients * 2))}, root=root).wait_ready()
                 try:
                     for kind, requests in kinds.items():
-                        cpu0 = cpu_seconds(server.proc.pid)
+                        pid = server.proc.pid
+                        cpu0, loop0 = cpu_seconds(pid), cpu_seconds(pid, pid)
                         many = asyncio.run(keep_alive_load(server.port, requests, args.clients, args.seconds))
-                        cpu_ms = (cpu_seconds(server.proc.pid) - cpu0) * 1000 / max(1, many["requests_per_s"] * (
-                            args.seconds + 1.0))  # the warm-up second's requests are counted in the CPU time too
+                        n = max(1.0, many["requests_per_s"] * (args.seconds + 1.0))  # + the warm-up second's
+                        cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / n
+                        loop_ms = (cpu_seconds(pid, pid) - loop0) * 1000 / n
                         one = asyncio.run(keep_alive_load(server.port, requests, 1, args.seconds / 3))
                         row = {"requests_per_s": many["requests_per_s"], "p50": many["p50"], "p99": many["p99"],
                                "other_answers": many["other_answers"] + one["other_answers"],
-                               "one_client_p50": one["p50"], "server_cpu_ms_per_request": cpu_ms}
+                               "one_client_p50": one["p50"], "server_cpu_ms_per_request": cpu_ms,
+                               "event_loop_cpu_ms_per_request": loop_ms}
                         report[name][kind].append(row)
                         print(f"round {round_ + 1} {name:>18} {kind:>9}: {row['requests_per_s']:7.1f} requests/s "
                               f"({args.clients} clients; p50 {row['p50']:.1f} ms, p99 {row['p99']:.1f} ms), 1 client "
-                              f"p50 {row['one_client_p50']:.2f} ms, server CPU {cpu_ms:.2f} ms/request, "
+                              f"p50 {row['one_client_p50']:.2f} ms, server CPU {cpu_ms:.2f} ms/request (event loop "
+                              f"{loop_ms:.2f} ms: at most {1000 / loop_ms:.0f} requests/s), "
                               f"other answers {row['other_answers']}", flush=True)
                 finally:
                     server.stop()
     finally:
         if worktree is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
-    print("\nbest of the rounds (requests/s), median 1-client p50:")
+    print("\nbest of the rounds: requests/s; the event loop's CPU per request and the requests/s it allows "
+          "(the ceiling of one process whatever the model, as on a GPU); median 1-client p50:")
     for kind in kinds:
         best = {name: max(r["requests_per_s"] for r in report[name][kind]) for name in roots}
+        loop = {name: min(r["event_loop_cpu_ms_per_request"] for r in report[name][kind]) for name in roots}
         p50 = {name: statistics.median(r["one_client_p50"] for r in report[name][kind]) for name in roots}
-        line = ", ".join(f"{name} {best[name]:.1f} (1-client p50 {p50[name]:.2f} ms)" for name in roots)
+        line = ", ".join(f"{name} {best[name]:.1f}/s, loop {loop[name]:.2f} ms = {1000 / loop[name]:.0f}/s, "
+                         f"1-client p50 {p50[name]:.2f} ms" for name in roots)
         if len(roots) == 2:
-            a, b = best.values()
-            line += f"; ratio {b / a:.2f}x"
+            (a, b), (la, lb) = best.values(), loop.values()
+            line += f"; ratios {b / a:.2f}x measured, {la / lb:.2f}x event-loop ceiling"
         print(f"  {kind}: {line}")
     return report
 
