@@ -54,7 +54,13 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.dim() == 4 and not self.track_running_stats and not x.is_contiguous() \
                 and x.is_contiguous(memory_format=torch.channels_last):
-            return nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+            if x.dtype == torch.float32:
+                return nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+            # under bf16/fp16 autocast: in fp32. PyTorch's NHWC group-norm backward in bf16 took a third of a
+            # training step on a 2-core AMX Xeon (27 ms a layer); in fp32 the step ran 1.68x faster there
+            # (docs/experiments.md, "Training speed on an AMX Xeon")
+            with torch.autocast(x.device.type, enabled=False):
+                return nn.functional.group_norm(x.float(), x.shape[1], self.weight, self.bias, self.eps).to(x.dtype)
         return super().forward(x)
 
 
