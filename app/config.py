@@ -52,6 +52,10 @@ class Settings(BaseSettings):
                       "this side that share one set of normalisation statistics: memory follows the tile")
     upsampler: Literal["guided", "lanczos"] = Field("guided", description="how a painting made at a stroke scale "
                                                     "over 1 comes back to full size")
+    codec_threads: int | None = Field(None, ge=0, le=64, description="threads that decode and encode uploads up "
+                                      "to 512x512, off the event loop (0: on the loop). Default: one per core when "
+                                      "the model runs on a GPU, 0 on a CPU, where the forward pass needs the cores "
+                                      "and a thread hop costs more than it frees")
     default_format: Literal["png", "jpeg", "webp"] = "png"
     ui: bool = Field(True, description="mount the Gradio UI at /ui")
     ui_cache_ttl_s: int = Field(900, ge=1, description="the UI's uploads and results are deleted after this age")

@@ -22,7 +22,7 @@ from app.errors import Busy, ClientClosed, NotReady
 from app.imaging import FAST_PNG, FORMATS, DecodeBudget, Opened, blend, encode, finish_decode, open_upload
 from app.observability import Metrics
 from model.images import fitted_size
-from model.runtime import cpu_cores
+from model.runtime import cpu_cores, resolve_device
 from model.stroke import default_stroke_scale
 from model.translator import FifoLock, Translator
 
@@ -80,8 +80,16 @@ class PaintingService:
         # time.monotonic() of the SIGTERM: finish what arrived before it, take nothing new
         self.drain_started = float("inf")
         self._loading: asyncio.Task | None = None
-        # small images' decodes and encodes (libjpeg-turbo, fpng and Pillow release the GIL): one thread per core
-        self.codecs = ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="codec")
+        # small images' decodes and encodes (libjpeg-turbo, fpng and Pillow release the GIL), off the event loop
+        # where the model runs elsewhere (a GPU); on a CPU they stay on the loop: with the codec threads beside
+        # OpenVINO's on 2 cores, the server did 13.3 images/s at 256^2 where the loop did 17.8 (docs/architecture.md)
+        threads = settings.codec_threads
+        if threads is None:
+            try:
+                threads = cpu_cores() if resolve_device(settings.device).type == "cuda" else 0
+            except ValueError:  # CUDA asked for and absent: loading the model says so (/readyz)
+                threads = 0
+        self.codecs = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="codec") if threads else None
 
     def start_draining(self) -> None:
         self.drain_started = time.monotonic()
@@ -168,7 +176,8 @@ class PaintingService:
             self._loading.cancel()
         if self.batcher is not None:
             await self.batcher.stop()
-        self.codecs.shutdown(wait=False)
+        if self.codecs is not None:
+            self.codecs.shutdown(wait=False)
 
     def info(self) -> dict:
         s = self.settings
@@ -260,10 +269,12 @@ class PaintingService:
                         (time.perf_counter() - computed) * 1000)
 
     async def _on_codec_thread(self, fn, *args):
-        """``fn(*args)`` for a small image's decode or encode, on the codec threads: the event loop's own time per
-        request is the ceiling of the process (on a GPU, all there is), and a 256x256 decode and PNG encode
-        took two thirds of it when they ran on the loop (docs/architecture.md). ``run_in_executor`` is one
-        hop, a fraction of anyio's ``to_thread`` cost."""
+        """``fn(*args)`` for a small image's decode or encode: on the codec threads when there are any (the
+        event loop's own time per request is the ceiling of the process when the model runs on a GPU, and a
+        256x256 decode and PNG encode took two thirds of it on the loop; ``run_in_executor`` is one hop, a
+        fraction of anyio's ``to_thread``), else on the loop (MONET_CODEC_THREADS, docs/architecture.md)."""
+        if self.codecs is None:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.codecs, fn, *args)
 
     async def _decode(self, opened: Opened) -> np.ndarray:

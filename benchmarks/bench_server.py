@@ -237,7 +237,9 @@ def overhead(args, bodies: list[bytes]) -> dict:
     try:
         for round_ in range(args.repeats):
             for name, root in roots.items():
+                # codec threads as on a GPU host, where this ceiling is what binds (older code ignores the setting)
                 server = Server({"MONET_WEIGHTS": str(weights), "MONET_DEVICE": args.device, "MONET_UI": "false",
+                                 "MONET_CODEC_THREADS": str(args.codec_threads),
                                  "MONET_MAX_BATCH_SIZE": str(args.max_batch),
                                  "MONET_QUEUE_SIZE": str(max(64, args.clients * 2))}, root=root).wait_ready()
                 try:
@@ -296,6 +298,7 @@ def main() -> None:
                         "JPEG in, PNG out, raw and multipart bodies, from keep-alive raw-socket clients")
     p.add_argument("--against", help="--overhead: also measure this git revision (a worktree), alternating")
     p.add_argument("--repeats", type=int, default=2, help="--overhead: rounds of each")
+    p.add_argument("--codec-threads", type=int, default=2, help="--overhead: MONET_CODEC_THREADS (as on a GPU host)")
     args = p.parse_args()
     cuda = resolve_device(args.device).type == "cuda"
     args.clients = args.clients or (256 if cuda else 8)

@@ -528,3 +528,28 @@ def test_plain_jpegs_decode_in_one_pass_to_pillows_pixels():
             ("cmyk", jpeg(photo(64, 48).convert("CMYK")), 0),
             ("downscaled", jpeg(photo(64, 48)), 32)):
         assert not plain_jpeg(open_upload(data, 1_000_000, max_side), max_side), name
+
+
+def test_codec_threads_paint_what_the_event_loop_paints(client, tmp_path):
+    """MONET_CODEC_THREADS (the default on a GPU) moves small images' decode and encode off the event loop; the
+    answers are the same bytes."""
+    from model.weights import save_generator
+    from tests.conftest import small_generator
+
+    weights = tmp_path / "g.safetensors"
+    save_generator(weights, small_generator())
+    bodies = []
+    for seed in range(3):
+        buf = io.BytesIO()
+        photo(80, 60, seed=seed).save(buf, "JPEG", quality=90)
+        bodies.append(buf.getvalue())
+    answers = {}
+    for threads in (0, 2):
+        settings = Settings(weights=weights, device="cpu", codec_threads=threads, ui=False)
+        with TestClient(create_app(settings)) as c:
+            wait_ready(c)
+            assert (c.app.state.service.codecs is None) == (threads == 0)
+            answers[threads] = [c.post("/translate?format=png", content=b, headers={"content-type": "image/jpeg"})
+                                for b in bodies]
+    for a, b in zip(answers[0], answers[2]):
+        assert a.status_code == b.status_code == 200 and a.content == b.content
