@@ -118,13 +118,18 @@ def server_fault() -> JSONResponse:
     return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 
+def answer_logged(exc: Exception) -> JSONResponse:
+    """``answer``, with a log line first for a model fault (NonFiniteOutput: the server's, not the client's)."""
+    if isinstance(exc, NonFiniteOutput):
+        log.error("non-finite output: %s", exc)
+    return answer(exc)
+
+
 def install(app: FastAPI) -> None:
-    """Answer every refusal and model fault raised under ``app``'s routes through ``answer``."""
+    """Answer every refusal and model fault raised under ``app``'s routes through ``answer_logged``."""
 
     async def refused(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, NonFiniteOutput):
-            log.error("non-finite output: %s", exc)
-        return answer(exc)
+        return answer_logged(exc)
 
     app.add_exception_handler(Refusal, refused)
     app.add_exception_handler(NonFiniteOutput, refused)

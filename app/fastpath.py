@@ -4,9 +4,8 @@ A painting request is the service's one hot path. Through FastAPI it crossed nin
 layers, dependency solving and a pydantic validation of its query before reaching the service: about a
 quarter of the event loop's time per request (docs/architecture.md, "The request path's own cost").
 ``TranslateEndpoint`` takes the request straight from the app's ``__call__``, under the same access log and
-metrics (ObservabilityMiddleware) and the same arrival gate (ArrivalGate), and does what the route does:
-negotiate the format, read the body (multipart or raw) under the same limits, paint through the service and
-answer refusals with the same JSON.
+metrics (ObservabilityMiddleware) and the same arrival gate (ArrivalGate), and runs the route's own body
+(``app.routes.paint_request``), answering refusals with the same JSON.
 
 Only requests whose query it can read exactly as the route would take this path (no query, or known
 parameters once each with plain values); anything else goes through FastAPI, which then answers with its own
@@ -23,15 +22,12 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from app import errors
-from app.errors import NotAcceptable
-from app.imaging import negotiate
-from app.routes import router
-from app.uploads import image_bytes
+from app.imaging import FORMATS
+from app.routes import paint_request, router
 from model.translator import NonFiniteOutput
 
 log = logging.getLogger("monet.service")
 
-FORMATS = ("png", "jpeg", "webp")
 _NUMBER = re.compile(r"[0-9]{1,6}(\.[0-9]{1,12})?")
 _STYLE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # the route's bounds (app/routes.py): strength in [0, 1], stroke_scale in [1, 64]
@@ -75,7 +71,8 @@ def fast_params(query_string: bytes) -> dict | None:
 
 class TranslateEndpoint:
     """POST /translate for requests whose query ``fast_params`` reads (app.main.take_fast_path decides). The
-    route it stands in for (app/routes.py) is what the access log and metrics name."""
+    route it stands in for (app/routes.py) is what the access log and metrics name, and its body
+    (``paint_request``) is what it runs."""
 
     def __init__(self, app):
         self.app = app
@@ -83,29 +80,13 @@ class TranslateEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["route"] = self.route
-        request = Request(scope, receive)
+        params = scope["fast_params"]
         try:
-            response = await self.paint(request, scope["fast_params"])
+            response = await paint_request(Request(scope, receive), params["format"], params["strength"],
+                                           params["stroke_scale"], params["style"])
         except (errors.Refusal, NonFiniteOutput) as exc:
-            if isinstance(exc, NonFiniteOutput):
-                log.error("non-finite output: %s", exc)
-            response = errors.answer(exc)
+            response = errors.answer_logged(exc)
         except Exception:  # a fault of ours: logged with its traceback, answered as FastAPI's 500 would be
             log.exception("POST /translate failed")
             response = errors.server_fault()
         await response(scope, receive, send)
-
-    async def paint(self, request: Request, params: dict):
-        app = self.app
-        service, s = app.state.service, app.state.settings
-        headers = request.headers
-        fmt = negotiate(params["format"], headers.get("accept"), s.default_format)
-        if fmt is None:
-            raise NotAcceptable("none of the Accept header's types can be produced; accept image/png, image/jpeg or "
-                                "image/webp")
-        data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, app.state.upload_budget)
-        painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=params["strength"],
-                                       arrived=request.scope["state"].get("arrived"),
-                                       stroke_scale=params["stroke_scale"], style=params["style"])
-        request.scope["state"]["style"] = painting.style  # for the access log
-        return painting.response()

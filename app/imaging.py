@@ -188,11 +188,13 @@ def finish_decode(opened: Opened, max_side: int) -> np.ndarray:
     ``max_side``. Raises BadImage for damaged or truncated data, a JPEG whose data ends early included."""
     if plain_jpeg(opened, max_side):
         try:
-            if (pixels := decode_plain_jpeg(opened.jpeg)) is not None:
-                return pixels
+            pixels = decode_plain_jpeg(opened.jpeg)
         except BadImage:
             opened.image.close()
             raise
+        if pixels is not None:
+            opened.image.close()
+            return pixels
     if opened.jpeg is not None and jpeg_ends_early(opened.jpeg):
         opened.image.close()
         raise BadImage(TRUNCATED_JPEG)

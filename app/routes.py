@@ -54,6 +54,13 @@ async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | N
         style: str | None = Query(None, max_length=64, description="the style to paint in (GET /styles lists "
                                   "them); default: the server's default style")) -> Response:
     """Paint the uploaded photo in Monet's style (multipart field `image`, or a raw image/* body)."""
+    return await paint_request(request, format, strength, stroke_scale, style)
+
+
+async def paint_request(request: Request, format: str | None, strength: float, stroke_scale: float | None,
+                        style: str | None) -> Response:
+    """POST /translate's work once its query is read, by this route or by app/fastpath.py: negotiate the format,
+    read the body under the upload limits, paint, answer. Raises a Refusal (app.errors)."""
     service = service_of(request)
     arrived = getattr(request.state, "arrived", None)  # stamped by the middleware as the request came in
     fmt = negotiate(format, request.headers.get("accept"), service.settings.default_format)

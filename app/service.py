@@ -240,7 +240,7 @@ class PaintingService:
         if image.size <= SMALL_PIXELS * 3 and (fmt == "jpeg" or (fmt == "png" and FAST_PNG)):
             body = await self._on_codec_thread(encode_blend, image, result, strength, fmt)
         else:
-            body = await run_in_threadpool(lambda: encode(blend(image, result, strength), fmt))
+            body = await run_in_threadpool(encode_blend, image, result, strength, fmt)
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
 
@@ -261,7 +261,7 @@ class PaintingService:
                 if gone is not None and await gone():
                     raise ClientClosed("the client closed the connection before its painting was ready")
                 computed = time.perf_counter()
-                body = await run_in_threadpool(lambda: encode(blend(image, result, strength), fmt))
+                body = await run_in_threadpool(encode_blend, image, result, strength, fmt)
         except asyncio.TimeoutError:
             opened.image.close()
             raise Busy("the server is busy with other large images; retry shortly") from None

@@ -30,8 +30,9 @@ def upload(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def request_bytes(body: bytes, multipart: bool) -> bytes:
-    """One complete POST /translate, raw or multipart (as curl -F sends it)."""
+def request_bytes(body: bytes, multipart: bool, keep_alive: bool = False) -> bytes:
+    """One complete POST /translate, raw or multipart (as curl -F sends it); the connection closes after it
+    unless ``keep_alive``."""
     kind = "image/jpeg"
     if multipart:
         boundary = "----monetbench"
@@ -39,7 +40,7 @@ def request_bytes(body: bytes, multipart: bool) -> bytes:
                 f"Content-Type: image/jpeg\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
         kind = f"multipart/form-data; boundary={boundary}"
     head = (f"POST /translate HTTP/1.1\r\nHost: bench\r\nContent-Type: {kind}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            f"Content-Length: {len(body)}\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode()
     return head + body
 
 

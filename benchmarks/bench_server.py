@@ -231,8 +231,8 @@ def overhead(args, bodies: list[bytes]) -> dict:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.against],
                        check=True, capture_output=True)
         roots = {f"main ({args.against})": worktree, "ours": ROOT}
-    kinds = {kind: [request_bytes(b, kind == "multipart").replace(b"Connection: close", b"Connection: keep-alive")
-                    for b in bodies] for kind in ("raw", "multipart")}
+    kinds = {kind: [request_bytes(b, kind == "multipart", keep_alive=True) for b in bodies]
+             for kind in ("raw", "multipart")}
     report: dict = {name: {kind: [] for kind in kinds} for name in roots}
     try:
         for round_ in range(args.repeats):
