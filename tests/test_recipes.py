@@ -154,6 +154,8 @@ def test_validation_logs_kid_and_keeps_the_best_generator(folders, tmp_path):
     vals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [m for m in vals if "val_kid" in m]
     assert [m["step"] for m in vals] == [2, 4] and all(np.isfinite(m["val_kid"]) for m in vals)
+    assert all(np.isfinite(m["val_texture_kid"]) and m["val_texture_kid"] > -1 for m in vals)  # logged beside KID
+    assert "texture KID" in r.stdout
     best = min(vals, key=lambda m: m["val_kid"])
     translator = Translator.from_file(out / "best.safetensors", device="cpu")
     assert translator.info.training["step"] == best["step"]

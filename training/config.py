@@ -47,7 +47,10 @@ class TrainConfig:
     ndf: int = opt(64, "discriminator width")
     discriminator: str = opt("patch", "patch (the 70x70 PatchGAN) | projected (trainable heads on frozen ImageNet "
                              "EfficientNet-Lite0 features, training/projected.py; cut and fastcut; needs the train "
-                             "extra)")
+                             "extra) | both (the PatchGAN beside the projected heads)")
+    init_generator: str = opt("", "start the photo->Monet generator (and its EMA) from this weight file, e.g. a "
+                              "run's best.safetensors or weights/photo2monet.safetensors, to fine-tune it; its "
+                              "architecture must match the recipe's; the discriminator starts fresh")
     # objective
     gan_loss: str = opt("lsgan", "lsgan (least squares) | bce (binary cross-entropy on logits)")
     pool_size: int = opt(50, "fakes kept for the discriminators (CycleGAN's image pool; 0: off)")
@@ -224,6 +227,20 @@ def config_from_args(argv: list[str] | None = None, description: str | None = No
 MODELS = ("cyclegan", "cut", "fastcut")
 
 
+def check_init_generator(cfg: TrainConfig) -> None:
+    """Raise ConfigError unless ``cfg.init_generator`` is a readable weight file of the recipe's generator."""
+    from model.weights import WeightsError, read_info
+
+    try:
+        info, _ = read_info(cfg.init_generator)
+    except WeightsError as exc:
+        raise ConfigError(f"--init-generator: {exc}") from None
+    ours = generator_settings(cfg)
+    if info.architecture != cfg.generator or any(info.settings.get(k) != v for k, v in ours.items()):
+        raise ConfigError(f"--init-generator {cfg.init_generator} holds a {info.architecture} generator "
+                          f"{info.settings}; the recipe trains a {cfg.generator} generator {ours}")
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the first option that cannot work."""
     from training.augment import parse_policy
@@ -240,10 +257,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("--ema must be in [0, 1); --lr-d-mult and --nce-t positive; --lambda-nce not negative")
     if cfg.eval_every < 0 or not 0.0 <= cfg.val_fraction <= 0.5 or cfg.num_patches < 1:
         raise ConfigError("--eval-every must not be negative, --val-fraction in [0, 0.5], --num-patches at least 1")
-    if cfg.discriminator not in ("patch", "projected"):
-        raise ConfigError(f"--discriminator must be patch or projected, not {cfg.discriminator!r}")
-    if cfg.discriminator == "projected" and cfg.model == "cyclegan":
-        raise ConfigError("--discriminator projected works with --model cut or fastcut")
+    if cfg.discriminator not in ("patch", "projected", "both"):
+        raise ConfigError(f"--discriminator must be patch, projected or both, not {cfg.discriminator!r}")
+    if cfg.discriminator != "patch" and cfg.model == "cyclegan":
+        raise ConfigError(f"--discriminator {cfg.discriminator} works with --model cut or fastcut")
+    if cfg.init_generator and not cfg.resume:
+        check_init_generator(cfg)
     if cfg.generator not in ("resnet", "unet"):
         raise ConfigError(f"--generator must be resnet or unet, not {cfg.generator!r}")
     if cfg.upsample not in ("transpose", "resize"):

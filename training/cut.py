@@ -112,12 +112,16 @@ class CUTGenerator(nn.Module):
 
 
 def discriminator(cfg: TrainConfig) -> nn.Module:
-    """The 70x70 PatchGAN, or with ``cfg.discriminator == "projected"`` heads on frozen pretrained features."""
-    if cfg.discriminator == "projected":
-        from training.projected import ProjectedDiscriminator
+    """The 70x70 PatchGAN (``patch``), heads on frozen pretrained features (``projected``), or both side by
+    side (``both``)."""
+    if cfg.discriminator == "patch":
+        return init_weights(PatchDiscriminator(ndf=cfg.ndf))
+    from training.projected import PixelAndFeatureDiscriminator, ProjectedDiscriminator
 
-        return ProjectedDiscriminator(ndf=cfg.ndf, seed=cfg.seed)
-    return init_weights(PatchDiscriminator(ndf=cfg.ndf))
+    projected = ProjectedDiscriminator(ndf=cfg.ndf, seed=cfg.seed)
+    if cfg.discriminator == "projected":
+        return projected
+    return PixelAndFeatureDiscriminator(init_weights(PatchDiscriminator(ndf=cfg.ndf)), projected)
 
 
 class CUT:

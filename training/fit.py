@@ -168,14 +168,17 @@ def validate(objective, validator: Validator, state: RunState, log: RunLog, out:
     """Score the generator on the validation photos (its time not counted as training); log it; keep
     RUN_DIR/best.safetensors the best so far."""
     started = time.perf_counter()
-    value = validator.kid(objective.nets.generator())
-    record = {"step": step, "val_kid": round(value, 6), "train_seconds": round(state.train_seconds(), 1)}
+    scores = validator.scores(objective.nets.generator())
+    value = scores["kid"]
+    record = {"step": step, "val_kid": round(value, 6), "val_texture_kid": round(scores["texture_kid"], 5),
+              "train_seconds": round(state.train_seconds(), 1)}
     if state.improved(value, step):
         training = training_summary(objective.cfg, {"step": step}) | state.summary | {"val_kid": value}
         save_generator(out / "best.safetensors", objective.nets.generator(), training=training)
         record["best"] = True
     log.record(record, prefix="val")
-    log.say(f"step {step}: validation KID {value:.4f} (best {state.best['kid']:.4f} at step {state.best['step']})")
+    log.say(f"step {step}: validation KID {value:.4f} (best {state.best['kid']:.4f} at step {state.best['step']}), "
+            f"texture KID {scores['texture_kid']:.4g}")
     state.paused += time.perf_counter() - started
 
 

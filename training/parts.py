@@ -75,6 +75,10 @@ class Networks:
         factor = lr_factor(total_steps, cfg.decay)
         self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, factor)
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, factor)
+        if cfg.init_generator and not cfg.resume:  # fine-tune: G starts from a weight file (checked by config)
+            from model.weights import load_generator
+
+            self.gens.G.load_state_dict(load_generator(cfg.init_generator)[0].state_dict())
         self.dtype = autocast_dtype(device, cfg.precision)  # None: plain fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.ema = EMA(self.gens.G, cfg.ema) if cfg.ema > 0 else None

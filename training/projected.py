@@ -144,3 +144,22 @@ class ProjectedDiscriminator(nn.Module):
             x = F.interpolate(x, size=(FEATURE_SIZE, FEATURE_SIZE), mode="bilinear", align_corners=False)
         feats = self.project(self.features(x))
         return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, feats)], dim=1)
+
+
+class PixelAndFeatureDiscriminator(nn.Module):
+    """The PatchGAN and the projected heads side by side (``--discriminator both``): one sees pixels, and so
+    colour and brushwork statistics; the other sees ImageNet features, and so what is in the picture. Their
+    logits are flattened and concatenated, so the GAN loss weighs each part by its number of logits: equal at
+    128² crops (196 each), 900 against 196 at 256²."""
+
+    def __init__(self, patch: nn.Module, projected: ProjectedDiscriminator):
+        super().__init__()
+        self.patch, self.projected = patch, projected
+
+    def requires_grad_(self, requires_grad: bool = True) -> "PixelAndFeatureDiscriminator":
+        self.patch.requires_grad_(requires_grad)
+        self.projected.requires_grad_(requires_grad)  # its heads only
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.patch(x).flatten(1), self.projected(x)], dim=1)

