@@ -13,6 +13,7 @@ parameters once each with plain values); anything else goes through FastAPI, whi
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -23,15 +24,27 @@ from starlette.types import Receive, Scope, Send
 
 from app import errors
 from app.imaging import FORMATS
-from app.routes import paint_request, router
+from app.routes import paint_request, router, translate
 from model.translator import NonFiniteOutput
 
 log = logging.getLogger("monet.service")
 
 _NUMBER = re.compile(r"[0-9]{1,6}(\.[0-9]{1,12})?")
 _STYLE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# the route's bounds (app/routes.py): strength in [0, 1], stroke_scale in [1, 64]
-_BOUNDS = {"strength": (0.0, 1.0), "stroke_scale": (1.0, 64.0)}
+
+
+def route_bounds() -> dict[str, tuple[float, float]]:
+    """The numeric parameters' (ge, le) bounds, read from the route's own Query declarations (app/routes.py),
+    so the two paths cannot disagree about what is in range."""
+    bounds = {}
+    for name in ("strength", "stroke_scale"):
+        limits = {key: getattr(m, key) for m in inspect.signature(translate).parameters[name].default.metadata
+                  for key in ("ge", "le") if hasattr(m, key)}
+        bounds[name] = (float(limits["ge"]), float(limits["le"]))
+    return bounds
+
+
+_BOUNDS = route_bounds()
 
 
 def fast_params(query_string: bytes) -> dict | None:

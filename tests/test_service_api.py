@@ -460,8 +460,9 @@ def test_stroke_scale_is_checked_and_changes_the_painting(full_size_client):
 
 
 def test_the_fast_path_reads_only_queries_the_route_would_take_as_they_are():
-    from app.fastpath import fast_params
+    from app.fastpath import fast_params, route_bounds
 
+    assert route_bounds() == {"strength": (0.0, 1.0), "stroke_scale": (1.0, 64.0)}  # read from the route's Query
     assert fast_params(b"") == {"format": None, "strength": 1.0, "stroke_scale": None, "style": None}
     assert fast_params(b"format=jpeg&strength=0.25&stroke_scale=2&style=photo2monet") == {
         "format": "jpeg", "strength": 0.25, "stroke_scale": 2.0, "style": "photo2monet"}

@@ -3,7 +3,8 @@
     python -m tools.plot_curves OUT.png RUN_DIR[=label] ... [--x minutes|step] [--line label=value ...]
 
 Each RUN_DIR's metrics.jsonl gives the `val_kid` points; `--line` draws a dashed horizontal reference
-(e.g. the raw photos' or the colour transfer's KID on the same validation photos).
+(e.g. the raw photos' or the colour transfer's KID on the same validation photos). `--chain` draws the runs
+end to end, as phases of one training (a fine-tune with `--init-generator` after the run it started from).
 """
 from __future__ import annotations
 
@@ -75,11 +76,15 @@ def main() -> None:
     p.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=label")
     p.add_argument("--x", choices=["minutes", "step"], default="minutes")
     p.add_argument("--line", action="append", default=[], help="label=value, a dashed reference line")
+    p.add_argument("--chain", action="store_true", help="each run's x continues from the previous run's last point")
     args = p.parse_args()
-    curves = {}
+    curves, offset = {}, 0.0
     for spec in args.runs:
         path, _, label = spec.partition("=")
-        curves[label or Path(path).name] = read_curve(Path(path), args.x)
+        points = [(x + offset, y) for x, y in read_curve(Path(path), args.x)]
+        curves[label or Path(path).name] = points
+        if args.chain and points:
+            offset = points[-1][0]
     lines = {k: float(v) for k, _, v in (spec.rpartition("=") for spec in args.line)}
     plot(curves, lines, "training minutes (validation excluded)" if args.x == "minutes" else "step", args.out)
 
