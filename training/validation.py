@@ -43,7 +43,7 @@ def load_square(path: Path, size: int = VAL_SIZE) -> torch.Tensor:
 
 
 class Validator:
-    """Holds the validation photos and the paintings' Inception features; ``kid(G)`` scores G."""
+    """Holds the validation photos and the paintings' Inception and texture features; ``scores(G)`` scores G."""
 
     def __init__(self, photos: list[Path], paintings: list[Path], device: torch.device, batch_size: int = 16,
                  amp_dtype: torch.dtype | None = None):
@@ -69,10 +69,6 @@ class Validator:
                 y = net(x.contiguous(memory_format=torch.channels_last))
                 out.append(((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
         return torch.cat(out)
-
-    def kid(self, generator: nn.Module) -> float:
-        """KID (mean over 100 subsets) of ``generator``'s paintings of the validation photos."""
-        return self.scores(generator)["kid"]
 
     def scores(self, generator: nn.Module) -> dict[str, float]:
         """KID and texture KID (means over 100 subsets) of ``generator``'s paintings of the validation photos."""
