@@ -49,11 +49,19 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     computes the same statistics with ``group_norm`` (one group per channel), whose CPU and CUDA kernels work on
     NHWC in place (training/parts.py runs channels-last). In eval mode it is PyTorch's own layer whatever the
     layout, so inference, and the graphs that OpenVINO and CUDA graphs capture from it, are unchanged.
-    Parameters and state-dict keys are nn.InstanceNorm2d's."""
+    Parameters and state-dict keys are nn.InstanceNorm2d's.
+
+    ``nhwc_kernel``, when a trainer sets it (training.parts: a compiled ``instance_norm_nhwc``), takes the place
+    of ``group_norm`` on that path."""
+
+    nhwc_kernel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.dim() == 4 and not self.track_running_stats and not x.is_contiguous() \
                 and x.is_contiguous(memory_format=torch.channels_last):
+            if self.nhwc_kernel is not None:
+                with torch.autocast(x.device.type, enabled=False):
+                    return self.nhwc_kernel(x, self.weight, self.bias, self.eps)
             if x.dtype == torch.float32:
                 return nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
             # under bf16/fp16 autocast: in fp32. PyTorch's NHWC group-norm backward in bf16 took a third of a
@@ -62,6 +70,20 @@ class InstanceNorm2d(nn.InstanceNorm2d):
             with torch.autocast(x.device.type, enabled=False):
                 return nn.functional.group_norm(x.float(), x.shape[1], self.weight, self.bias, self.eps).to(x.dtype)
         return super().forward(x)
+
+
+def instance_norm_nhwc(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      eps: float) -> torch.Tensor:
+    """Instance norm written out in elementwise operations and one mean and variance over H and W, computed in
+    fp32 and returned in ``x``'s dtype and layout. Eager, it is slower than ``group_norm``; it is written this
+    way for ``torch.compile``, which fuses it, forward and backward, into a few passes over an NHWC tensor
+    (training.parts, ``compile_norm``)."""
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=(2, 3), keepdim=True, correction=0)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    return y.to(x.dtype)
 
 
 class ResnetBlock(nn.Module):

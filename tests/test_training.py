@@ -65,6 +65,18 @@ def test_cpu_preset_runs(folders, tmp_path):
     assert cfg["preset"] == "cpu" and cfg["batch_size"] == 4
 
 
+def test_without_a_cpp_compiler_the_norms_fall_back_to_pytorchs_kernel_with_one_line(folders, tmp_path):
+    """compile_norm needs a C++ compiler the first time it compiles (an empty kernel cache here); without one the
+    run trains on PyTorch's kernel and says so once."""
+    r = run_module("training.fit", "--photos", str(folders / "photos"), "--paintings", str(folders / "paintings"),
+                   "--out", str(tmp_path / "run"), "--preset", "cpu", *SMALL, "--image-size", "32", "--steps", "2",
+                   env={"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    notices = [line for line in r.stderr.splitlines() if line.startswith("compile_norm: off")]
+    assert len(notices) == 1 and "PyTorch's kernel" in notices[0], r.stderr
+    assert (tmp_path / "run" / "photo2monet.safetensors").exists()
+
+
 def test_resume_gives_the_same_weights_as_a_straight_run(folders, tmp_path):
     args = ["--preset", "cyclegan", *SMALL, "--load-size", "36", "--image-size", "32", "--steps", "6",
             "--batch-size", "2", "--seed", "7"]

@@ -8,7 +8,9 @@ An objective (training.cyclegan.CycleGAN, training.cut.CUT) builds its two modul
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -16,6 +18,7 @@ import torch.nn.functional as F_
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model.networks import InstanceNorm2d, instance_norm_nhwc
 from model.runtime import autocast_dtype
 from training.config import TrainConfig
 from training.ema import EMA
@@ -50,6 +53,23 @@ def lr_factor(total_steps: int, decay: str):
     return factor
 
 
+@functools.cache
+def compiled_norm_kernel(dtype: torch.dtype):
+    """``instance_norm_nhwc`` through ``torch.compile`` (shapes dynamic, so one compilation serves every layer),
+    or None where it cannot compile here (no C++ compiler, say), with a one-line notice. One forward and
+    backward on a small NHWC tensor of ``dtype`` decides, so that a failure shows here and not mid-step."""
+    kernel = torch.compile(instance_norm_nhwc, dynamic=True)
+    try:
+        x = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(0))  # the run's RNG stays untouched
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        kernel(x, None, None, 1e-5).float().sum().backward()
+    except Exception as exc:  # noqa: BLE001 -- any failure to compile means PyTorch's own kernel
+        print(f"compile_norm: off, torch.compile failed here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+              "; the instance norms use PyTorch's kernel", file=sys.stderr, flush=True)
+        return None
+    return kernel
+
+
 class Networks:
     """``gens`` (a module whose ``G`` is the photo->Monet generator) and ``discs``, ready to train.
 
@@ -80,6 +100,11 @@ class Networks:
 
             self.gens.G.load_state_dict(load_generator(cfg.init_generator)[0].state_dict())
         self.dtype = autocast_dtype(device, cfg.precision)  # None: plain fp32
+        if cfg.compile_norm and cfg.channels_last and not cfg.compile and device.type == "cpu":
+            kernel = compiled_norm_kernel(self.dtype or torch.float32)
+            for m in (*self.gens.modules(), *self.discs.modules()):
+                if isinstance(m, InstanceNorm2d):
+                    m.nhwc_kernel = kernel
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.ema = EMA(self.gens.G, cfg.ema) if cfg.ema > 0 else None
         if cfg.compile:
