@@ -70,7 +70,7 @@ def test_without_a_cpp_compiler_the_norms_fall_back_to_pytorchs_kernel_with_one_
     run trains on PyTorch's kernel and says so once."""
     r = run_module("training.fit", "--photos", str(folders / "photos"), "--paintings", str(folders / "paintings"),
                    "--out", str(tmp_path / "run"), "--preset", "cpu", *SMALL, "--image-size", "32", "--steps", "2",
-                   env={"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
+                   "--compile-norm", "on", env={"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
     notices = [line for line in r.stderr.splitlines() if line.startswith("compile_norm: off")]
     assert len(notices) == 1 and "PyTorch's kernel" in notices[0], r.stderr

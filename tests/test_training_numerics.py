@@ -51,7 +51,7 @@ def losses(channels_last: bool, precision: str) -> torch.Tensor:
     """STEPS FastCUT updates of the issue's recipe (networks shrunk for CI), on fixed random batches; the losses
     [G_gan, nce, D_monet] of every step."""
     cfg = preset_config("cpu", ngf=8, n_blocks=2, ndf=16, image_size=32, batch_size=4, num_patches=64,
-                        channels_last=channels_last, precision=precision)
+                        channels_last=channels_last, precision=precision, compile_norm="on")
     assert cfg.model == "fastcut" and cfg.diffaugment and cfg.ema
     torch.manual_seed(0)
     objective = CUT(cfg, torch.device("cpu"), total_steps=1000)
@@ -122,12 +122,16 @@ def test_bf16_channels_last_step_follows_the_bf16_nchw_step():
     assert ((ours - nchw).abs().mean(dim=0) <= 1.5 * noise).all(), ((ours - nchw).abs().mean(dim=0), noise)
 
 
-@pytest.mark.parametrize("compile_norm", [True, False])
-def test_compile_norm_puts_the_compiled_kernel_in_every_instance_norm_of_both_networks(compile_norm):
+@pytest.mark.parametrize("compile_norm, total_steps, compiled", [
+    ("auto", 1000, True), ("auto", 999, False), ("on", 10, True), ("off", 9000, False)])
+def test_compile_norm_puts_the_compiled_kernel_in_every_instance_norm_of_both_networks(compile_norm, total_steps,
+                                                                                        compiled):
+    """auto compiles for schedules that pay the compilation back (the cpu preset's 9,000 steps), not for a
+    few-step run such as most tests'."""
     cfg = preset_config("cpu", ngf=8, n_blocks=1, ndf=8, image_size=32, compile_norm=compile_norm)
-    nets = CUT(cfg, torch.device("cpu"), total_steps=10).nets
+    nets = CUT(cfg, torch.device("cpu"), total_steps=total_steps).nets
     norms = [m for m in (*nets.gens.modules(), *nets.discs.modules()) if isinstance(m, InstanceNorm2d)]
     assert len(norms) == 1 + 2 + 2 + 2 + 3  # G: first, 2 down, 1 block, 2 up; D: 3
-    expected = compiled_norm_kernel(torch.float32 if nets.dtype is None else nets.dtype) if compile_norm else None
+    expected = compiled_norm_kernel(torch.float32 if nets.dtype is None else nets.dtype) if compiled else None
     assert all(m.nhwc_kernel is expected for m in norms)
-    assert not compile_norm or expected is not None
+    assert not compiled or expected is not None

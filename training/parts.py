@@ -53,6 +53,9 @@ def lr_factor(total_steps: int, decay: str):
     return factor
 
 
+COMPILE_NORM_STEPS = 1000  # compile_norm "auto": schedules this long pay back the compilation many times over
+
+
 @functools.cache
 def compiled_norm_kernel(dtype: torch.dtype):
     """``instance_norm_nhwc`` through ``torch.compile`` (shapes dynamic, so one compilation serves every layer),
@@ -100,7 +103,8 @@ class Networks:
 
             self.gens.G.load_state_dict(load_generator(cfg.init_generator)[0].state_dict())
         self.dtype = autocast_dtype(device, cfg.precision)  # None: plain fp32
-        if cfg.compile_norm and cfg.channels_last and not cfg.compile and device.type == "cpu":
+        compile_norm = cfg.compile_norm == "on" or (cfg.compile_norm == "auto" and total_steps >= COMPILE_NORM_STEPS)
+        if compile_norm and cfg.channels_last and not cfg.compile and device.type == "cpu":
             kernel = compiled_norm_kernel(self.dtype or torch.float32)
             for m in (*self.gens.modules(), *self.discs.modules()):
                 if isinstance(m, InstanceNorm2d):
