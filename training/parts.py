@@ -67,8 +67,9 @@ def compiled_norm_kernel(dtype: torch.dtype):
         x = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
         kernel(x, None, None, 1e-5).float().sum().backward()
     except Exception as exc:  # noqa: BLE001 -- any failure to compile means PyTorch's own kernel
-        print(f"compile_norm: off, torch.compile failed here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-              "; the instance norms use PyTorch's kernel", file=sys.stderr, flush=True)
+        first_line = (str(exc).splitlines() or [""])[0][:160]
+        print(f"compile_norm: off, torch.compile failed here ({type(exc).__name__}: {first_line}); the instance "
+              "norms use PyTorch's kernel", file=sys.stderr, flush=True)
         return None
     return kernel
 
