@@ -196,6 +196,47 @@ def test_unreadable_and_truncated_files_are_skipped_with_a_count(folders, tmp_pa
     assert "photos: 3 (2 unreadable skipped)" in r.stdout
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+def test_the_scan_skips_a_large_jpeg_cut_short_and_keeps_a_whole_ones_full_size(tmp_path, progressive):
+    """The folder scan decodes JPEGs at an eighth of their size; a file cut short still fails there, and the
+    size that the crop check sees is the image's own."""
+    from training.data import scan_folder
+
+    folder = tmp_path / "large"
+    folder.mkdir()
+    photo(1600, 1200, seed=3).save(folder / "whole.jpg", quality=90, progressive=progressive)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: int(len(data) * 0.9)])
+    found = scan_folder(folder, "photos", min_side=1200)
+    assert [p.name for p in found.files] == ["whole.jpg"] and found.skipped == 1
+    with pytest.raises(Exception, match="smaller than the 1201px crop"):
+        scan_folder(folder, "photos", min_side=1201)
+
+
+def test_a_large_jpeg_is_loaded_at_load_size_from_a_reduced_decode_close_to_the_full_one(tmp_path):
+    import random
+
+    from PIL import Image
+
+    from training.data import load_image
+
+    photo(1600, 1200, seed=4).save(tmp_path / "large.jpg", quality=92)
+    small = load_image(tmp_path / "large.jpg", 286, 256, False, random.Random(0))
+    with Image.open(tmp_path / "large.jpg") as img:  # the full decode, resized the same way
+        full = np.asarray(img.convert("RGB").resize((286, 286), Image.Resampling.BICUBIC))
+    rng = random.Random(0)
+    left, top = rng.randint(0, 30), rng.randint(0, 30)
+    full = torch_from(full[top:top + 256, left:left + 256])
+    assert small.shape == full.shape == (3, 256, 256) and small.dtype == full.dtype
+    assert (small.float() - full.float()).abs().mean() < 3  # 1.5 measured; 4.8 for the crop 8 px lower
+
+
+def torch_from(arr):
+    import torch
+
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
 def test_images_smaller_than_the_crop(folders, tmp_path):
     r = fit(folders, tmp_path / "o", "--preset", "cpu", "--image-size", "64")
     assert "smaller than the 64px crop" in one_line_failure(r)
