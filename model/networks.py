@@ -86,17 +86,32 @@ def instance_norm_nhwc(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     return y.to(x.dtype)
 
 
+class ReflectionPad2d(nn.ReflectionPad2d):
+    """``nn.ReflectionPad2d`` that keeps a bf16 (or fp16) input in its dtype while training under autocast.
+
+    CPU autocast runs reflection padding in fp32 (it is on autocast's fp32 list), so each pad between two bf16
+    convolutions cast its input up, padded twice the bytes, and the next convolution cast it back down; the
+    backward did the same: four copies a pad. Padding only copies values, so the output is the same. In eval
+    mode, or without autocast, this is PyTorch's layer (inference graphs and exports are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x)
+        return super().forward(x)
+
+
 class ResnetBlock(nn.Module):
     """Two reflection-padded 3x3 convolutions with instance norm, added to the input."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(dim, dim, 3, bias=True),
             InstanceNorm2d(dim),
             nn.ReLU(True),
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(dim, dim, 3, bias=True),
             InstanceNorm2d(dim),
         )
@@ -122,7 +137,7 @@ class ResnetGenerator(_Described, nn.Module):
         self.spec = GeneratorSpec("resnet", {"input_nc": input_nc, "output_nc": output_nc, "ngf": ngf,
                                              "n_blocks": n_blocks, "upsample": upsample}, 4)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3),
+            ReflectionPad2d(3),
             nn.Conv2d(input_nc, ngf, 7, bias=True),
             InstanceNorm2d(ngf),
             nn.ReLU(True),
@@ -142,13 +157,13 @@ class ResnetGenerator(_Described, nn.Module):
                                                    output_padding=1, bias=True)
             else:  # resize-convolution: same parameters, no checkerboard artefacts (Odena et al., 2016)
                 up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                                   nn.ReflectionPad2d(1), nn.Conv2d(ngf * mult, ngf * mult // 2, 3, bias=True))
+                                   ReflectionPad2d(1), nn.Conv2d(ngf * mult, ngf * mult // 2, 3, bias=True))
             layers += [
                 up,
                 InstanceNorm2d(ngf * mult // 2),
                 nn.ReLU(True),
             ]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
+        layers += [ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,15 +47,15 @@ def test_in_eval_mode_the_norm_is_pytorchs_own_layer_so_inference_graphs_are_unc
     assert "instance_norm" in str(graph) and "group_norm" not in str(graph)
 
 
-def losses(channels_last: bool, precision: str) -> torch.Tensor:
+def losses(channels_last: bool, precision: str, seed: int = 0) -> torch.Tensor:
     """STEPS FastCUT updates of the issue's recipe (networks shrunk for CI), on fixed random batches; the losses
     [G_gan, nce, D_monet] of every step."""
     cfg = preset_config("cpu", ngf=8, n_blocks=2, ndf=16, image_size=32, batch_size=4, num_patches=64,
                         channels_last=channels_last, precision=precision, compile_norm="on")
     assert cfg.model == "fastcut" and cfg.diffaugment and cfg.ema
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     objective = CUT(cfg, torch.device("cpu"), total_steps=1000)
-    data = torch.Generator().manual_seed(1)
+    data = torch.Generator().manual_seed(seed + 1)
     out = []
     for _ in range(STEPS):
         photo = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=data)
@@ -110,16 +110,24 @@ def test_under_bf16_autocast_the_channels_last_norm_computes_in_fp32_and_stays_n
 def test_bf16_channels_last_step_follows_the_bf16_nchw_step():
     """The bf16 step (what `auto` trains in on CPUs with bf16 units) in channels-last, with its fp32 norm, stays
     within bf16's noise: no further from the exact (fp32) step than the NCHW bf16 step is, and no further from
-    the NCHW bf16 step than that. Two bf16 trajectories drift apart like any two GAN runs whose rounding differs
-    (measured: gaps 0.049 / 0.176 / 0.017 from NCHW bf16 against its 0.064 / 0.157 / 0.023 from fp32), so the
-    bound is 1.5x the noise."""
-    nchw = losses(channels_last=False, precision="bf16")
-    ours = losses(channels_last=True, precision="bf16")
-    fp32 = losses(channels_last=False, precision="fp32")
-    assert torch.isfinite(ours).all()
-    noise = (nchw - fp32).abs().mean(dim=0)  # per loss, over the 50 steps
-    assert ((ours - fp32).abs().mean(dim=0) <= 1.5 * noise).all(), ((ours - fp32).abs().mean(dim=0), noise)
-    assert ((ours - nchw).abs().mean(dim=0) <= 1.5 * noise).all(), ((ours - nchw).abs().mean(dim=0), noise)
+    the NCHW bf16 step than that, give or take 1.5x. Two bf16 trajectories drift apart like any two GAN runs
+    whose rounding differs, and one seed's gap is one draw of that drift (seed 0's NCE gap alone is 1.5x its
+    noise, seed 1's 1.2x), so the gaps are averaged over three seeds. Measured, per loss: noise 0.048 / 0.159 /
+    0.018; channels-last from fp32 0.057 / 0.188 / 0.021, from NCHW bf16 0.051 / 0.187 / 0.020; and from the
+    previous main's exact NCHW bf16 step (PyTorch's fp32 pads, foreach Adam) 0.052 / 0.182 / 0.020, against its
+    noise of 0.058 / 0.167 / 0.020."""
+    gaps = {"noise": [], "from fp32": [], "from nchw": []}
+    for seed in range(3):
+        nchw = losses(channels_last=False, precision="bf16", seed=seed)
+        ours = losses(channels_last=True, precision="bf16", seed=seed)
+        fp32 = losses(channels_last=False, precision="fp32", seed=seed)
+        assert torch.isfinite(ours).all()
+        gaps["noise"].append((nchw - fp32).abs().mean(dim=0))  # per loss, over the 50 steps
+        gaps["from fp32"].append((ours - fp32).abs().mean(dim=0))
+        gaps["from nchw"].append((ours - nchw).abs().mean(dim=0))
+    mean = {k: torch.stack(v).mean(dim=0) for k, v in gaps.items()}
+    assert (mean["from fp32"] <= 1.5 * mean["noise"]).all(), mean
+    assert (mean["from nchw"] <= 1.5 * mean["noise"]).all(), mean
 
 
 @pytest.mark.parametrize("compile_norm, total_steps, compiled", [
