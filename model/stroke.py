@@ -17,6 +17,7 @@ from PIL import Image
 
 REFERENCE_SIDE = 1024  # the longer side the default stroke scale paints at (the service's old MAX_SIDE)
 UPSAMPLERS = ("guided", "lanczos")
+STROKE_SCALES = (1.0, 64.0)  # the stroke scales a caller may ask for (the CLI and the service check these bounds)
 GUIDED_RADIUS = 2  # box radius of the guided filter, in pixels of the painted (small) image
 # its regulariser, on [0, 1] values: where the photo varies by less than about 0.05, the painting wins. Side by
 # side at 100% (docs/stroke_scale.jpg): 0.02 looked like the photo, 0.1 and 0.2 let colours bleed over edges

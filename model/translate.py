@@ -16,8 +16,10 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from model.codecs import FORMATS, paint_jpegs
-from model.images import IMAGE_EXTENSIONS, fitted_size
-from model.stroke import REFERENCE_SIDE
+from model.backends import BACKENDS
+from model.images import IMAGE_EXTENSIONS
+from model.plan import plan_painting
+from model.stroke import STROKE_SCALES, UPSAMPLERS
 from model.translator import NonFiniteOutput, Translator
 from model.weights import SHIPPED_WEIGHTS, WeightsError, atomic_write
 
@@ -52,14 +54,14 @@ def _read(path: Path) -> bytes | None:
         return None  # reported by the Pillow path, which tries again
 
 
-def _side(data: bytes, max_side: int | None) -> int:
-    """The longer side an image will be painted at, from its header (0 when the header does not open: the
-    device path then refuses it and Pillow reports it)."""
+def _batched(data: bytes, max_side: int | None, stroke_scale: float | None, tile: int) -> bool:
+    """Whether an image is painted whole and pixel for pixel (model/plan.py), from its header; False when the
+    header does not open (Pillow's path then reports it)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return max(fitted_size(img.size, max_side))
+            return plan_painting(*img.size, stroke_scale, tile, max_side).batched
     except Exception:
-        return 0
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the paintings (created if missing)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help=f"generator weight file (default {DEFAULT_WEIGHTS})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="runtime: auto = OpenVINO on CPU when installed (the openvino extra), else torch")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--max-side", type=int, default=None, help="downscale inputs whose longer side exceeds this")
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stroke-scale", default="auto", help="paint at 1/S of the size and bring the painting back "
                    "to full size, for strokes S times larger (a number >= 1; default auto: the longer side / "
                    "1024, so a photo up to 1024 pixels is painted as it is)")
-    p.add_argument("--upsampler", choices=["guided", "lanczos"], default="guided",
+    p.add_argument("--upsampler", choices=UPSAMPLERS, default=UPSAMPLERS[0],
                    help="how a painting made at a stroke scale over 1 comes back to full size: guided (edges from "
                         "the photo, colours and strokes from the painting) or lanczos")
     p.add_argument("--format", choices=sorted(FORMATS), default="png", help="output image format")
@@ -103,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         stroke_scale = None if args.stroke_scale == "auto" else float(args.stroke_scale)
     except ValueError:
         stroke_scale = 0.0
-    if stroke_scale is not None and not 1.0 <= stroke_scale <= 64.0:
-        print(f"error: --stroke-scale must be auto or a number from 1 to 64, not {args.stroke_scale!r}",
+    low, high = STROKE_SCALES
+    if stroke_scale is not None and not low <= stroke_scale <= high:
+        print(f"error: --stroke-scale must be auto or a number from {low:g} to {high:g}, not {args.stroke_scale!r}",
               file=sys.stderr)
         return 2
     if not Path(args.weights).exists() and Path(args.weights) == DEFAULT_WEIGHTS:
@@ -123,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     fmt = FORMATS[args.format]
     pil_format, ext, save_kw = fmt.pil, fmt.extension, fmt.options
     device_codec = args.format == "jpeg" and (args.codec == "torchvision" or (
-        args.codec == "auto" and translator.device.type == "cuda")) and (stroke_scale is None or stroke_scale == 1)
-    # the device path paints each image whole and pixel for pixel: images it would paint otherwise (a stroke
-    # scale over 1, or tiles) go through Pillow and Translator.paint
-    device_side = REFERENCE_SIDE if stroke_scale is None else args.tile
+        args.codec == "auto" and translator.device.type == "cuda"))
     args.out.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, str]] = []
     from tqdm import tqdm
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             batch = files[start : start + args.batch_size]
             if device_codec:  # JPEG in, JPEG out, pixels on the device; what it can't take goes through Pillow
                 blobs = [_read(path) for path, _ in batch]
-                blobs = [None if b is None or _side(b, args.max_side) > (device_side or float("inf")) else b
+                # the device path paints whole and pixel for pixel; the plan sends the rest (a stroke scale over
+                # 1, tiles) through Pillow and Translator.paint
+                blobs = [b if b is not None and _batched(b, args.max_side, stroke_scale, args.tile) else None
                          for b in blobs]
                 try:
                     painted = paint_jpegs(translator, [b or b"" for b in blobs], args.max_side, save_kw["quality"])

@@ -20,7 +20,8 @@ from model.backends import make_backend, resolve_backend
 from model.images import prepare
 from model.padding import pad_images, padding_for
 from model.runtime import pick_dtype, resolve_device, use_cpu_threads
-from model.stroke import default_stroke_scale, enlarge, painted_size, shrink
+from model.plan import PaintPlan, plan_painting
+from model.stroke import enlarge, shrink
 from model.tiling import PaintingStopped, SharedStatistics, paint_tiled  # noqa: F401 (PaintingStopped: API)
 from model.weights import GeneratorInfo, load_generator
 
@@ -100,15 +101,14 @@ class Translator:
         default) paints an image shrunk that much and brings it back to size (``paint``); images with a side
         over ``tile`` are painted in tiles (``translate_tiled``); the rest together in batches."""
         arrays = [np.asarray(prepare(img, max_side), dtype=np.uint8) for img in images]
-        scales = [default_stroke_scale(a.shape[1], a.shape[0]) if stroke_scale is None else max(1.0, stroke_scale)
-                  for a in arrays]
+        plans = [plan_painting(a.shape[1], a.shape[0], stroke_scale, tile or 0) for a in arrays]
         out: list = [None] * len(arrays)
-        single = {i for i, a in enumerate(arrays) if scales[i] > 1.0 or (tile and max(a.shape[:2]) > tile)}
-        batched = [i for i in range(len(arrays)) if i not in single]
+        batched = [i for i, p in enumerate(plans) if p.batched]
         for i, painting in zip(batched, self.translate_many([arrays[i] for i in batched])):
             out[i] = painting
-        for i in single:
-            out[i] = self.paint(arrays[i], scales[i], tile or 0, upsampler)
+        for i, p in enumerate(plans):
+            if not p.batched:
+                out[i] = self.paint_planned(arrays[i], p, upsampler)
         return [Image.fromarray(p, "RGB") for p in out]
 
     def paint(self, image: np.ndarray, stroke_scale: float | None = None, tile: int = 1024,
@@ -119,9 +119,13 @@ class Translator:
         ``upsampler`` (model/stroke.py). Memory follows the tile and the width, not the image. ``stop()``,
         asked before each tile, True: raise PaintingStopped."""
         h, w = image.shape[:2]
-        scale = default_stroke_scale(w, h) if stroke_scale is None else max(1.0, float(stroke_scale))
-        small = shrink(image, painted_size(w, h, scale))
-        painting = self.translate_tiled(small, tile, stop=stop) if tile else self.translate_many([small])[0]
+        return self.paint_planned(image, plan_painting(w, h, stroke_scale, tile), upsampler, stop)
+
+    def paint_planned(self, image: np.ndarray, plan: PaintPlan, upsampler: str = "guided", stop=None) -> np.ndarray:
+        """Paint one uint8 (H, W, 3) image by ``plan`` (model/plan.py; its size is the image's): shrunk to
+        ``plan.painted``, in tiles when ``plan.tiled``, brought back with ``upsampler``. ``stop`` as in ``paint``."""
+        small = shrink(image, plan.painted)
+        painting = self.translate_tiled(small, plan.tile, stop=stop) if plan.tiled else self.translate_many([small])[0]
         if stop is not None and stop():
             raise PaintingStopped("the painting is no longer wanted")
         return enlarge(painting, image, upsampler)
@@ -148,11 +152,6 @@ class Translator:
 
     def translate_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Translate a uint8 array of shape (N, H, W, 3) of same-size RGB images; returns the same shape."""
-        return self._paint(batch)
-
-    def translate_tensor(self, batch: torch.Tensor) -> torch.Tensor:
-        """Translate a uint8 tensor of shape (N, H, W, 3) of same-size RGB images on this translator's device;
-        returns the paintings in the same shape, on the same device (no host copy on CUDA)."""
         return self._paint(batch)
 
     def translate_many(self, images: list) -> list:
