@@ -23,10 +23,11 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from app.errors import Busy, ClientClosed, TimedOut
-from app.imaging import release_free_memory
+from model.plan import PaintPlan
+from model.runtime import release_free_memory
 from model.translator import PaintingStopped, Translator
 
-IDLE_TRIM_S = 1.0  # after this long with an empty queue, freed memory goes back to the OS (once per idle spell)
+IDLE_TRIM_S = 1.0  # after this long with no request in the service, freed memory goes back to the OS
 
 
 class QueueFull(Busy):
@@ -50,11 +51,55 @@ class Timing:
 
 @dataclass
 class Large:
-    """How a large image is painted (``Translator.paint``): at ``stroke_scale``, in tiles of ``tile``, brought
-    back to full size with ``upsampler``."""
-    stroke_scale: float
-    tile: int
+    """How an image painted on its own is painted (``Translator.paint_planned``): by ``plan`` (model/plan.py),
+    brought back to full size with ``upsampler``."""
+    plan: PaintPlan
     upsampler: str
+
+
+class IdleRelease:
+    """The one place the service gives memory back: every loaded translator's runtime buffers
+    (``Translator.release_memory``) and the freed heap (``release_free_memory``), ``idle_s`` after the last
+    admitted request finished (its decode, painting, small or large, and encode), once per idle spell. A burst
+    of large decodes or paintings would otherwise leave the process hundreds of MB larger for good."""
+
+    def __init__(self, translators: Callable[[], list[Translator]], idle_s: float = IDLE_TRIM_S):
+        self.translators, self.idle_s = translators, idle_s
+        self.busy, self._dirty = 0, False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @contextmanager
+    def working(self):
+        """Held by each admitted request for its whole life."""
+        self.busy += 1
+        self._dirty = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            if self.busy == 0:
+                self._timer = asyncio.get_running_loop().call_later(self.idle_s, self._idle)
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self.busy == 0 and self._dirty:
+            self._dirty = False
+            asyncio.get_running_loop().create_task(asyncio.to_thread(self.release))
+
+    @staticmethod
+    def style_changed(previous: Translator | None, translator: Translator) -> None:
+        """Before a batch of another style than the last: the previous style's runtime drops the buffers large
+        batches left it (a cheap no-op otherwise), so only the style painting holds large activations."""
+        if previous is not None and previous is not translator:
+            previous.release_memory()
+
+    def release(self) -> None:
+        for translator in self.translators():
+            translator.release_memory()
+        release_free_memory()
 
 
 @dataclass
@@ -172,7 +217,7 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._large_worker: asyncio.Task | None = None
         self.large: asyncio.Queue[_Job] = asyncio.Queue()  # taken from the queue, painted one at a time
-        self._dirty = False  # work ran since the last trim
+        self.idle_release = IdleRelease(self.translators)
         self._previous: Translator | None = None  # the translator of the last batch
 
     def start(self) -> None:
@@ -208,7 +253,8 @@ class Batcher:
         self.admitted += 1
         slot = Slot(self)
         try:
-            yield slot
+            with self.idle_release.working():
+                yield slot
         finally:
             slot.release()
 
@@ -224,28 +270,18 @@ class Batcher:
             self.metrics.queue_depth.set(self.queue.qsize())
 
     async def _first(self) -> _Job:
-        """The next job. Once per idle spell, hand the heap that large images' activations and buffers
-        left behind back to the OS (glibc would keep it)."""
-        while True:
-            if (job := self.queue.take()) is not None:
-                return self._take(job)
-            if not await self.queue.wait(IDLE_TRIM_S if self._dirty else None):
-                await asyncio.to_thread(self._release)
-                self._dirty = False
+        """The next job."""
+        while (job := self.queue.take()) is None:
+            await self.queue.wait(None)
+        return self._take(job)
 
     @staticmethod
     def _take(job: _Job) -> _Job:
         job.slot.release()  # out of the queue: its place goes to the next request
         return job
 
-    def _release(self) -> None:
-        for translator in self.translators():
-            translator.release_memory()
-        release_free_memory()
-
     async def _gather(self) -> list[_Job]:
         batch = [await self._first()]
-        self._dirty = True
         translator = batch[0].translator  # the batch's style: never mixed
         until = time.perf_counter() + self.max_wait_s
         while len(batch) < self.max_batch:
@@ -311,8 +347,7 @@ class Batcher:
         """One batch. When the style changes, the previous style's runtime first drops the buffers that large
         batches left it (a cheap no-op otherwise): only the style painting holds large activations, however
         many styles are loaded."""
-        if previous is not None and previous is not translator:
-            previous.release_memory()
+        IdleRelease.style_changed(previous, translator)
         return translator.translate_many(images)
 
     async def _run_large(self) -> None:
@@ -325,7 +360,7 @@ class Batcher:
                 continue
             large, started = job.large, time.perf_counter()
             try:
-                painting = await asyncio.to_thread(job.translator.paint, job.image, large.stroke_scale, large.tile,
+                painting = await asyncio.to_thread(job.translator.paint_planned, job.image, large.plan,
                                                    large.upsampler, job.future.done)
                 out: list | Exception = [painting]
             except PaintingStopped:

@@ -7,14 +7,25 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.backends import BACKENDS
+from model.codecs import FORMATS
+from model.runtime import DEVICES, PRECISIONS
+from model.stroke import UPSAMPLERS
 from model.weights import SHIPPED_WEIGHTS
+
+# The choices below come from the registries that define them (a new backend or format is one entry there).
+Device = Literal[DEVICES]  # type: ignore[valid-type]
+Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
+Backend = Literal[BACKENDS]  # type: ignore[valid-type]
+Upsampler = Literal[UPSAMPLERS]  # type: ignore[valid-type]
+OutputFormat = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MONET_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="the address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="the port to listen on")
     weights: Path = Field(SHIPPED_WEIGHTS, description="a generator weight file, or a folder of them: each "
                           "*.safetensors is a style named by its file stem (POST /translate?style=NAME)")
     default_style: str | None = Field(None, description="the style a request gets when it names none (default: "
@@ -25,16 +36,17 @@ class Settings(BaseSettings):
                             ": bounds /styles and the metrics' style label")
     admin_token: SecretStr | None = Field(None, description="enables POST /admin/reload (Authorization: Bearer "
                                           "TOKEN), which reads the styles again, as SIGHUP does; unset: 404")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    backend: Literal["auto", "torch", "openvino"] = Field(
+    device: Device = Field("auto", description="auto (CUDA if present), cpu or cuda")
+    precision: Precision = Field("auto", description="auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), "
+                                 "fp32, bf16 or fp16")
+    backend: Backend = Field(
         "auto", description="runtime: auto = OpenVINO on CPU when installed (the openvino extra), else torch")
     max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass (1 turns batching off)")
     max_batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a batch waits to fill up (0: it "
                                      "takes what queued during the previous batch, which is enough on CPU)")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model before 503s")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request, queueing included (504 after)")
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="body limit, counted while streaming (413)")
     upload_timeout_s: float = Field(30.0, gt=0, description="a body must arrive within this time (408 after)")
     upload_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1,
                                      description="bytes all unfinished uploads may hold together (503 past it)")
@@ -50,13 +62,14 @@ class Settings(BaseSettings):
                           "before painting (0: none, the painting has the upload's full size)")
     tile: int = Field(1024, ge=64, description="a painting with a side over this is made in overlapping tiles of "
                       "this side that share one set of normalisation statistics: memory follows the tile")
-    upsampler: Literal["guided", "lanczos"] = Field("guided", description="how a painting made at a stroke scale "
+    upsampler: Upsampler = Field("guided", description="how a painting made at a stroke scale "
                                                     "over 1 comes back to full size")
     codec_threads: int | None = Field(None, ge=0, le=64, description="threads that decode and encode uploads up "
                                       "to 512x512, off the event loop (0: on the loop). Default: one per core when "
                                       "the model runs on a GPU, 0 on a CPU, where the forward pass needs the cores "
                                       "and a thread hop costs more than it frees")
-    default_format: Literal["png", "jpeg", "webp"] = "png"
+    default_format: OutputFormat = Field("png", description="output format when neither ?format= nor the Accept "
+                                         "header chooses")
     ui: bool = Field(True, description="mount the Gradio UI at /ui")
     ui_cache_ttl_s: int = Field(900, ge=1, description="the UI's uploads and results are deleted after this age")
     max_connections: int = Field(1000, ge=1, description="open connections; past it a new one evicts the oldest "

@@ -90,6 +90,16 @@ STATUS: dict[type[Exception], int] = {
 }
 
 
+def documented() -> dict[int, str]:
+    """Each status code a client can get from a refusal, with what it means (the classes' first docstring
+    lines): what OpenAPI documents. 499 is left out: nobody reads it."""
+    texts: dict[int, list[str]] = {}
+    for kind, code in STATUS.items():
+        if code != CLIENT_CLOSED:
+            texts.setdefault(code, []).append((kind.__doc__ or kind.__name__).strip().splitlines()[0].rstrip("."))
+    return {code: "; ".join(lines) for code, lines in sorted(texts.items())}
+
+
 def status_of(exc: Exception) -> int:
     """The HTTP status of a refusal (or of a model fault: NonFiniteOutput is the server's, 500)."""
     for kind in type(exc).__mro__:

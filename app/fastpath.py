@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from app import errors
-from app.imaging import FORMATS
+from app.encoding import FORMATS
 from app.routes import paint_request, router, translate
 from model.translator import NonFiniteOutput
 

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
-from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import NotAcceptable, Unauthorized
-from app.imaging import negotiate
-from app.service import PaintingService
+from app.config import OutputFormat
+from app.encoding import FORMATS, negotiate
+from app.errors import NotAcceptable, Unauthorized, documented
+from app.service import Painting, PaintingService
+from model.stroke import STROKE_SCALES
 from app.uploads import image_bytes
 
 router = APIRouter()
@@ -22,18 +23,14 @@ IMAGE_BODY = {
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
                                                "properties": {"image": {"type": "string", "format": "binary"}}}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+            **{media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/jpeg", "image/png",
+                                                                                      "image/webp")},
         },
     }
 }
-ERRORS = {code: {"description": text, "content": {"application/json": {"example": {"detail": text}}}} for code, text in {
-    400: "not an image, or damaged", 404: "unknown style (the detail lists the styles)",
-    406: "no acceptable output format", 413: "body or image too large",
-    415: "unsupported content type or image format", 422: "bad parameters", 503: "busy or loading (see Retry-After)",
-    401: "a valid admin token is needed",
-    504: "deadline passed before the request's turn"}.items()}
+# the documented refusals, from the one status map (app/errors.py)
+ERRORS = {code: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
+          for code, text in documented().items()}
 
 
 def service_of(request: Request) -> PaintingService:
@@ -41,14 +38,14 @@ def service_of(request: Request) -> PaintingService:
 
 
 @router.post("/translate", response_class=Response, openapi_extra=IMAGE_BODY,
-             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+             responses={200: {"content": {f.media_type: {} for f in FORMATS.values()},
                               "description": "the Monet-style painting, same size and orientation as the upload"},
                         **{code: e for code, e in ERRORS.items() if code != 401}})
-async def translate(request: Request, format: Literal["png", "jpeg", "webp"] | None = Query(
+async def translate(request: Request, format: OutputFormat | None = Query(
         None, description="output format; otherwise chosen from the Accept header (default png)"),
         strength: float = Query(1.0, ge=0.0, le=1.0, description="how much painting: 1 the painting, 0 the photo, "
                                 "in between a blend of the two"),
-        stroke_scale: float | None = Query(None, ge=1.0, le=64.0, description="paint at 1/stroke_scale of the "
+        stroke_scale: float | None = Query(None, ge=STROKE_SCALES[0], le=STROKE_SCALES[1], description="paint at 1/stroke_scale of the "
                                            "size and bring the painting back to full size, for strokes that many "
                                            "times larger; default: the longer side / 1024, at least 1"),
         style: str | None = Query(None, max_length=64, description="the style to paint in (GET /styles lists "
@@ -65,7 +62,8 @@ async def paint_request(request: Request, format: str | None, strength: float, s
     arrived = getattr(request.state, "arrived", None)  # stamped by the middleware as the request came in
     fmt = negotiate(format, request.headers.get("accept"), service.settings.default_format)
     if fmt is None:
-        raise NotAcceptable("none of the Accept header's types can be produced; accept image/png, image/jpeg or image/webp")
+        raise NotAcceptable("none of the Accept header's types can be produced; accept "
+                            + ", ".join(f.media_type for f in FORMATS.values()))
     s = service.settings
     data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, request.app.state.upload_budget)
     # the body is read before any 503: a drain's answer closes the connection, and closing on unread bytes
@@ -73,7 +71,15 @@ async def paint_request(request: Request, format: str | None, strength: float, s
     painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength,
                                    arrived=arrived, stroke_scale=stroke_scale, style=style)
     request.state.style = painting.style  # for the access log
-    return painting.response()
+    return painting_response(painting)
+
+
+def painting_response(painting: Painting) -> Response:
+    """The HTTP answer: the image, and headers that say where its time went and which style made it."""
+    t = painting.timing
+    return Response(painting.data, media_type=painting.media_type, headers={
+        "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),
+        "Server-Timing": painting.server_timing(), "X-Style": painting.style, "X-Model-Version": painting.version})
 
 
 @router.get("/styles")

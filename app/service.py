@@ -13,32 +13,27 @@ from dataclasses import dataclass
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
 
-from app.batcher import IDLE_TRIM_S, Batcher, Large, Timing
+from app.batcher import Batcher, Large, Timing
 from app.catalogue import Catalogue
 from app.config import Settings
+from app.decoding import SMALL_PIXELS, DecodeBudget, Decoder, Opened
+from app.encoding import FAST_PNG, FORMATS, encode_blend
 from app.errors import Busy, ClientClosed, NotReady
-from app.imaging import (FAST_PNG, FORMATS, DecodeBudget, Opened, blend, encode, finish_decode, open_upload,
-                         release_free_memory)
 from app.observability import Metrics
-from model.images import fitted_size
+from model.plan import PaintPlan, plan_painting
 from model.runtime import cpu_cores, resolve_device
-from model.stroke import default_stroke_scale
 from model.translator import FifoLock, Translator
 
 log = logging.getLogger("monet.service")
 
 
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered, behind a load balancer
-# Images up to this size are decoded and encoded on the codec threads (PaintingService.codecs), one hop each
-# way; larger ones on anyio's worker threads, where a decode of seconds cannot hold up the small ones.
-SMALL_PIXELS = 512 * 512
-SMALL_COST = SMALL_PIXELS * 12  # the decode budget's cost of such an image (open_upload's estimate)
 
 
 @dataclass
 class Painting:
+    """A painted request, before it is an HTTP answer (the routes build that: app/routes.py)."""
     data: bytes
     media_type: str
     timing: Timing
@@ -47,13 +42,6 @@ class Painting:
     encode_ms: float = 0.0  # blend and encode
     style: str = ""  # the style and its version (file hash) that painted it
     version: str = ""
-
-    def response(self) -> Response:
-        """The HTTP answer: the image, and headers that say where its time went and which style made it."""
-        t = self.timing
-        return Response(self.data, media_type=self.media_type, headers={
-            "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),
-            "Server-Timing": self.server_timing(), "X-Style": self.style, "X-Model-Version": self.version})
 
     def server_timing(self) -> str:
         """The Server-Timing header: where this request's time went."""
@@ -74,7 +62,6 @@ class PaintingService:
         self.batcher: Batcher | None = None
         self._painted: dict = {}  # style name -> its monet_paintings_total child
         self.load_error: str | None = None
-        self.decode_budget = DecodeBudget(settings.decode_budget_bytes)
         # full-size paintings hold a budget of their own from decode to encode (their decode also takes the decode
         # budget), so that a large painting in progress never keeps small uploads from decoding
         self.large_budget = DecodeBudget(settings.decode_budget_bytes)
@@ -91,6 +78,8 @@ class PaintingService:
             except ValueError:  # CUDA asked for and absent: loading the model says so (/readyz)
                 threads = 0
         self.codecs = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="codec") if threads else None
+        self.decoder = Decoder(settings.decode_budget_bytes, settings.max_pixels, settings.max_side,
+                               self._on_codec_thread, metrics.decodes.inc)
 
     def start_draining(self) -> None:
         self.drain_started = time.monotonic()
@@ -226,13 +215,11 @@ class PaintingService:
                      translator: Translator) -> Painting:
         s = self.settings
         started = time.perf_counter()
-        opened = open_upload(data, s.max_pixels, s.max_side)  # the header only: microseconds
-        w, h = fitted_size(opened.image.size, s.max_side)
-        scale = default_stroke_scale(w, h) if stroke_scale is None else max(1.0, stroke_scale)
-        if scale > 1.0 or max(w, h) > s.tile:
-            return await self._paint_large(opened, (w, h), Large(scale, s.tile, s.upsampler), slot, fmt, gone,
-                                           strength, started, translator)
-        image = await self._decode(opened)
+        opened = self.decoder.open(data)  # the header only: microseconds
+        plan = plan_painting(*opened.upright_size, stroke_scale, s.tile, s.max_side)
+        if not plan.batched:
+            return await self._paint_large(opened, plan, slot, fmt, gone, strength, started, translator)
+        image = await self.decoder.decode(opened, s.request_timeout_s)
         decoded = time.perf_counter()
         result, timing = await slot.submit(image, s.request_timeout_s, gone, translator=translator)
         if gone is not None and await gone():  # left during compute: skip the encode nobody would read
@@ -245,20 +232,19 @@ class PaintingService:
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
 
-    async def _paint_large(self, opened: Opened, size: tuple[int, int], large: Large, slot, fmt: str, gone,
-                           strength: float, started: float, translator: Translator) -> Painting:
-        """A full-size painting (``Translator.paint`` beside the batches): its whole life (decode, painting,
-        encode) holds its share of the large-painting budget, so that the full-size buffers of only so many
-        large images are in memory at once; the decode itself also takes its share of the decode budget."""
+    async def _paint_large(self, opened: Opened, plan: PaintPlan, slot, fmt: str, gone, strength: float,
+                           started: float, translator: Translator) -> Painting:
+        """A painting made on its own (``Translator.paint_planned`` beside the batches): its whole life (decode,
+        painting, encode) holds its share of the large-painting budget, so that the full-size buffers of only so
+        many large images are in memory at once; the decode itself also takes its share of the decode budget."""
         s = self.settings
-        cost = opened.cost + size[0] * size[1] * 8  # + the painting (3 B/px), its encoding, the blend's strips
+        cost = opened.cost + plan.size[0] * plan.size[1] * 8  # + the painting (3 B/px), its encoding, the blend's strips
         try:
             async with self.large_budget.hold(cost, s.request_timeout_s):
-                async with self.decode_budget.hold(opened.cost, s.request_timeout_s):
-                    self.metrics.decodes.inc()
-                    image = await run_in_threadpool(finish_decode, opened, s.max_side)
+                image = await self.decoder.decode(opened, s.request_timeout_s)
                 decoded = time.perf_counter()
-                result, timing = await slot.submit(image, s.request_timeout_s, gone, large, translator)
+                result, timing = await slot.submit(image, s.request_timeout_s, gone, Large(plan, s.upsampler),
+                                                   translator)
                 if gone is not None and await gone():
                     raise ClientClosed("the client closed the connection before its painting was ready")
                 computed = time.perf_counter()
@@ -266,19 +252,8 @@ class PaintingService:
         except asyncio.TimeoutError:
             opened.image.close()
             raise Busy("the server is busy with other large images; retry shortly") from None
-        finally:  # once this answer is sent, hand what the painting freed back to the OS if no other is running
-            loop = asyncio.get_running_loop()
-            loop.call_later(IDLE_TRIM_S, lambda: loop.create_task(self._release_when_no_large_work(translator)))
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
-
-    async def _release_when_no_large_work(self, translator: Translator) -> None:
-        """The painting's runtime buffers (its tiles' OpenVINO requests) and the freed heap go back to the OS a
-        second after a large painting, unless another is under way. The batcher's idle release follows the
-        small queue, which a burst of large images alone leaves idle: a 24 MP burst otherwise kept ~200 MB."""
-        if self.large_budget.used == 0:
-            await asyncio.to_thread(translator.release_memory)
-            await asyncio.to_thread(release_free_memory)
 
     async def _on_codec_thread(self, fn, *args):
         """``fn(*args)`` for a small image's decode or encode: on the codec threads when there are any (the
@@ -288,22 +263,3 @@ class PaintingService:
         if self.codecs is None:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.codecs, fn, *args)
-
-    async def _decode(self, opened: Opened) -> np.ndarray:
-        """Wait for a share of the decode budget, decode. Raises BadImage, or Busy when the budget stays taken
-        past the request's deadline."""
-        s = self.settings
-        try:
-            async with self.decode_budget.hold(opened.cost, s.request_timeout_s):
-                self.metrics.decodes.inc()
-                if opened.cost <= SMALL_COST:
-                    return await self._on_codec_thread(finish_decode, opened, s.max_side)
-                return await run_in_threadpool(finish_decode, opened, s.max_side)
-        except asyncio.TimeoutError:
-            opened.image.close()
-            raise Busy("the server is busy decoding other large images; retry shortly") from None
-
-
-def encode_blend(photo: np.ndarray, painting: np.ndarray, strength: float, fmt: str) -> bytes:
-    """``strength`` of the painting blended with the photo, encoded as ``fmt``."""
-    return encode(blend(photo, painting, strength), fmt)

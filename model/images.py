@@ -14,8 +14,13 @@ try:  # HEIC/HEIF (phones' default format) through libheif; optional so model/ r
 except ImportError:
     HEIF = False
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif"} | (
-    {".heic", ".heif"} if HEIF else set())
+# The image formats read (Pillow's format names, with the file extensions the CLI looks for in folders): the one
+# registry of inputs; the service accepts exactly these (app/decoding.py). Output formats: model/codecs.FORMATS.
+INPUT_FORMATS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg"), "MPO": (), "PNG": (".png",), "WEBP": (".webp",), "BMP": (".bmp",),
+    "TIFF": (".tif", ".tiff"), "GIF": (".gif",), "AVIF": (".avif",), **({"HEIF": (".heic", ".heif")} if HEIF else {}),
+}
+IMAGE_EXTENSIONS = {ext for extensions in INPUT_FORMATS.values() for ext in extensions}
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 

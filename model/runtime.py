@@ -1,15 +1,19 @@
-"""Where a network runs: the device, the dtype and the CPU cores. Every caller (the translator, training,
-evaluation, the benchmarks) asks here, so each of these is decided in one place.
+"""Where a network runs: the device, the dtype and the CPU cores, and handing freed memory back to the OS. Every
+caller (the translator, training, evaluation, the service, the benchmarks) asks here, so each of these is
+decided in one place.
 
 Reads no MONET_* variable; OMP_NUM_THREADS, the standard one, wins over our own core count.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import os
 
 import torch
 
+DEVICES = ("auto", "cpu", "cuda")  # the choices every command and the service offer (cuda:N is taken too)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -94,3 +98,20 @@ def use_cpu_threads(processes_per_machine: int = 1) -> int:
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)
     return threads
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise: a burst of big decodes would
+    leave the process hundreds of MB larger for good). A no-op where malloc_trim doesn't exist."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()

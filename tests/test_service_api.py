@@ -376,7 +376,7 @@ def test_a_jpeg_whose_data_ends_early_is_a_400_and_honest_compressible_jpegs_are
 
 
 def test_a_large_jpeg_decodes_at_reduced_scale_and_looks_the_same():
-    from app.imaging import finish_decode, open_upload
+    from app.decoding import finish_decode, open_upload
     from model.images import fit_max_side
 
     big = photo(6000, 4000, seed=3)
@@ -410,7 +410,7 @@ def test_server_timing_says_where_the_time_went(client):
 
 
 def test_png_encoding_is_lossless_at_every_size():
-    from app.imaging import encode as encode_png
+    from app.encoding import encode as encode_png
 
     rng = np.random.default_rng(5)
     for h, w in ((1, 1), (31, 17), (256, 256), (300, 1024)):
@@ -501,9 +501,9 @@ def test_the_fast_path_and_the_fastapi_route_answer_alike(client):
 
 
 def test_plain_jpegs_decode_in_one_pass_to_pillows_pixels():
-    """app.imaging decodes a plain JPEG (colour or grey, upright, no profile, no downscale) with one strict
+    """app.decoding decodes a plain JPEG (colour or grey, upright, no profile, no downscale) with one strict
     libjpeg-turbo pass; the pixels must be exactly what Pillow's path gives, and the rest must take that path."""
-    from app.imaging import finish_decode, open_upload, plain_jpeg
+    from app.decoding import finish_decode, open_upload, plain_jpeg
     from model.images import prepare
     from tests.conftest import display_p3_profile
 
