@@ -10,9 +10,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-GENERATOR_ARCHITECTURES = ("resnet", "unet")
-
-
 @dataclass(frozen=True)
 class GeneratorSpec:
     """What a generator is: its architecture, its constructor settings (what a weight file stores), and the
@@ -314,15 +311,19 @@ def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
     return net
 
 
+# The generator architectures, by the name a weight file's metadata and `training.fit --generator` use: the one
+# registry of this extension point (a new architecture is a class above and a line here).
+GENERATORS: dict[str, type[nn.Module]] = {"resnet": ResnetGenerator, "unet": UnetGenerator}
+
+
 def build_generator(architecture: str = "resnet", **settings) -> nn.Module:
     """Build a generator by name ("resnet" or "unet") with its settings (e.g. ngf, n_blocks).
 
     Raises ValueError for an unknown architecture or setting.
     """
-    classes = {"resnet": ResnetGenerator, "unet": UnetGenerator}
-    if architecture not in classes:
-        raise ValueError(f"unknown generator architecture {architecture!r}; expected one of {sorted(classes)}")
+    if architecture not in GENERATORS:
+        raise ValueError(f"unknown generator architecture {architecture!r}; expected one of {sorted(GENERATORS)}")
     try:
-        return classes[architecture](**settings)
+        return GENERATORS[architecture](**settings)
     except TypeError as exc:
         raise ValueError(f"bad settings for {architecture} generator: {settings} ({exc})") from None

