@@ -3,6 +3,7 @@ matches each photo's per-channel mean and standard deviation in CIE Lab to the p
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 from model.images import to_rgb
@@ -50,3 +51,37 @@ def colour_transfer(image: Image.Image, target_mean: np.ndarray, target_std: np.
     std = lab.reshape(-1, 3).std(0)
     out = (lab - mean) / np.maximum(std, 1e-6) * target_std + target_mean
     return Image.fromarray(lab_to_rgb(out), "RGB")
+
+
+def _rgb_to_lab_t(x: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1], (N, 3, H, W) -> CIE Lab (D65), as ``rgb_to_lab``, in torch."""
+    m = torch.as_tensor(_M / _WHITE[:, None], dtype=x.dtype, device=x.device)
+    lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    xyz = torch.einsum("ij,njhw->nihw", m, lin)
+    f = torch.where(xyz > (6 / 29) ** 3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
+
+
+def _lab_to_rgb_t(lab: torch.Tensor) -> torch.Tensor:
+    """CIE Lab (D65) -> sRGB in [0, 1], clipped to the gamut, as ``lab_to_rgb`` (unrounded), in torch."""
+    fy = (lab[:, 0] + 16) / 116
+    f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], 1)
+    xyz = torch.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
+    m = torch.as_tensor(np.linalg.inv(_M) * _WHITE[None, :], dtype=lab.dtype, device=lab.device)
+    lin = torch.einsum("ij,njhw->nihw", m, xyz).clamp(0, 1)
+    return torch.where(lin > 0.0031308, 1.055 * lin.clamp_min(1e-12) ** (1 / 2.4) - 0.055, 12.92 * lin)
+
+
+@torch.no_grad()
+def colour_transfer_batch(photos: torch.Tensor, paintings: torch.Tensor) -> torch.Tensor:
+    """Each photo's Lab mean and standard deviation per channel moved to its paired painting's (Reinhard et al.,
+    as ``colour_transfer``, batched on the device): images in [-1, 1], (N, 3, H, W) both; returns the photos'
+    colour transfer in [-1, 1], in the photos' dtype."""
+    to01 = lambda t: (t.float() + 1) / 2  # noqa: E731
+    src, dst = _rgb_to_lab_t(to01(photos)), _rgb_to_lab_t(to01(paintings))
+    s_mean, s_std = src.mean((2, 3), keepdim=True), src.std((2, 3), correction=0, keepdim=True).clamp_min(1e-6)
+    d_mean, d_std = dst.mean((2, 3), keepdim=True), dst.std((2, 3), correction=0, keepdim=True)
+    out = _lab_to_rgb_t((src - s_mean) / s_std * d_std + d_mean)
+    return (out * 2 - 1).to(photos.dtype).contiguous(memory_format=torch.channels_last
+                                                     if photos.is_contiguous(memory_format=torch.channels_last)
+                                                     else torch.contiguous_format)

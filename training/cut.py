@@ -17,7 +17,7 @@ from torch import nn
 
 from model.networks import PatchDiscriminator, ResnetGenerator, build_generator, init_weights
 from training.augment import DiffAugment
-from training.config import TrainConfig, generator_settings
+from training.config import ConfigError, TrainConfig, generator_settings
 from training.parts import GANLoss, Networks, sample_grid
 
 
@@ -125,14 +125,34 @@ def discriminator(cfg: TrainConfig) -> nn.Module:
 
 
 class CUT:
-    """One generator, one PatchGAN discriminator, PatchNCE. ``step`` does one CUT/FastCUT update."""
+    """One generator, one discriminator, PatchNCE. ``step`` does one CUT/FastCUT update.
 
-    loss_names = ("G_gan", "nce", "D_monet")
+    Two tools, off by default: ``photo_negatives`` shows the discriminator real photos (and their colour
+    transfer to the paired painting) labelled fake, and ``lambda_texture`` adds a texture loss on frozen
+    ImageNet features (training/texture.py)."""
+
+    loss_names: tuple[str, ...] = ("G_gan", "nce", "D_monet")
+    d_loss_names: tuple[str, ...] = ("D_monet",)  # the discriminator's losses (the log's D figure sums them)
+
+    @staticmethod
+    def check(cfg: TrainConfig) -> None:
+        """Raise ConfigError for an option this objective cannot take."""
+        if cfg.generator != "resnet":
+            raise ConfigError(f"--model {cfg.model} takes its features from the resnet generator; use --generator resnet")
 
     def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1):
         self.cfg = cfg
         self.nets = Networks(CUTGenerator(cfg), discriminator(cfg), cfg, device, total_steps, world_size)
         self.gan, self.augment = GANLoss(cfg.gan_loss), DiffAugment(cfg.diffaugment)
+        self.negatives = [k for k in cfg.negatives.split(",") if k] if cfg.photo_negatives > 0 else []
+        self.texture = None
+        if cfg.lambda_texture > 0:  # not part of the networks: frozen, never checkpointed
+            from training.texture import TextureLoss
+
+            self.texture = TextureLoss().to(device, memory_format=self.nets.memory_format)
+        self.loss_names = self.loss_names + (("texture",) if self.texture is not None else ()) + (
+            ("D_negatives",) if self.negatives else ())
+        self.d_loss_names = self.d_loss_names + (("D_negatives",) if self.negatives else ())
 
     def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
         """One update of G (and its MLP heads), then of D. Returns the detached losses [G_gan, nce, D_monet]
@@ -141,19 +161,36 @@ class CUT:
         n = photo.shape[0]
         nets.discs.requires_grad_(False)  # D's weight gradients are never computed in G's update
         nets.opt_G.zero_grad(set_to_none=True)
+        losses = []
         with nets.autocast():
             out = nets.gens_run(photo, monet)
             loss_gan = gan(nets.discs(aug(out["fake_monet"])), True)
             loss_nce = out["nce"] * self.cfg.lambda_nce
-        nets.update(loss_gan + loss_nce, nets.opt_G)
+            loss_G = loss_gan + loss_nce
+            if self.texture is not None:
+                loss_texture = self.texture(out["fake_monet"], monet) * self.cfg.lambda_texture
+                loss_G, losses = loss_G + loss_texture, [loss_texture]
+        nets.update(loss_G, nets.opt_G)
         nets.discs.requires_grad_(True)
         nets.opt_D.zero_grad(set_to_none=True)
+        negatives = self.photo_negatives(photo, monet)
         with nets.autocast():
-            d = nets.discs_run(aug(torch.cat([monet, out["fake_monet"].detach().to(monet.dtype)])))
-            loss_D = 0.5 * (gan(d[:n], True) + gan(d[n:], False))
-        nets.update(loss_D, nets.opt_D)
+            d = nets.discs_run(aug(torch.cat([monet, out["fake_monet"].detach().to(monet.dtype), *negatives])))
+            loss_D = 0.5 * (gan(d[:n], True) + gan(d[n : 2 * n], False))
+            if negatives:  # photographic texture, with or without Monet's palette, is not a painting
+                loss_negatives = gan(d[2 * n :], False) * self.cfg.photo_negatives
+                losses.append(loss_negatives)
+        nets.update(loss_D + loss_negatives if negatives else loss_D, nets.opt_D)
         nets.finish_step()
-        return torch.stack([loss_gan, loss_nce, loss_D]).detach().float()
+        return torch.stack([loss_gan, loss_nce, loss_D, *losses]).detach().float()
+
+    def photo_negatives(self, photo: torch.Tensor, monet: torch.Tensor) -> list[torch.Tensor]:
+        """What the discriminator also sees as fake (``cfg.negatives``): the photos, their colour transfer to
+        the paired paintings' Lab statistics; empty when ``photo_negatives`` is off."""
+        from training.baselines import colour_transfer_batch
+
+        kinds = {"photo": lambda: photo.to(monet.dtype), "colour": lambda: colour_transfer_batch(photo, monet)}
+        return [kinds[k]() for k in self.negatives]
 
     def state_dict(self) -> dict:
         return self.nets.state_dict()

@@ -11,7 +11,7 @@ from torch import nn
 
 from model.networks import PatchDiscriminator, build_generator, init_weights
 from training.augment import DiffAugment
-from training.config import TrainConfig, generator_settings
+from training.config import ConfigError, TrainConfig, generator_settings
 from training.parts import GANLoss, Networks, sample_grid
 
 __all__ = ["CycleGAN", "Discriminators", "GANLoss", "Generators", "ImagePool"]
@@ -96,6 +96,15 @@ class CycleGAN:
     """Both generators, both discriminators and their pools; ``step`` does one CycleGAN update."""
 
     loss_names = ("G_gan", "cycle", "identity", "D_photo", "D_monet")
+    d_loss_names = ("D_photo", "D_monet")  # the discriminators' losses (the log's D figure sums them)
+
+    @staticmethod
+    def check(cfg: TrainConfig) -> None:
+        """Raise ConfigError for an option this objective cannot take."""
+        if cfg.discriminator != "patch":
+            raise ConfigError(f"--discriminator {cfg.discriminator} works with --model cut or fastcut")
+        if cfg.photo_negatives or cfg.lambda_texture:
+            raise ConfigError("--photo-negatives and --lambda-texture work with --model cut or fastcut")
 
     def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1):
         self.cfg = cfg
