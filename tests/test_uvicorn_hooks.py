@@ -1,0 +1,27 @@
+"""app/connections.py subclasses uvicorn's internal HttpToolsProtocol (pyproject.toml bounds uvicorn's version for
+that reason). This fails loudly when an upgrade changes what the subclass relies on: the hooks it overrides,
+their signatures, and the attributes it reads; tests/test_connections.py then checks the behaviour."""
+import inspect
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from app.connections import GuardedProtocol
+
+HOOKS = {"connection_made": ["self", "transport"], "connection_lost": ["self", "exc"],
+         "on_message_begin": ["self"], "on_headers_complete": ["self"], "shutdown": ["self"]}
+
+
+def test_the_overridden_hooks_exist_with_the_same_parameters():
+    for name, params in HOOKS.items():
+        assert name in vars(HttpToolsProtocol), f"uvicorn's HttpToolsProtocol has no {name} any more"
+        assert list(inspect.signature(getattr(HttpToolsProtocol, name)).parameters) == params, name
+        assert name in vars(GuardedProtocol), f"GuardedProtocol no longer overrides {name}: update this test"
+
+
+def test_the_attributes_the_subclass_reads_are_still_set_by_uvicorn():
+    protocol = inspect.getsource(HttpToolsProtocol)
+    for attribute in ("self.connections", "self.transport", "self.cycle"):
+        assert attribute in protocol, f"HttpToolsProtocol no longer sets {attribute}"
+    cycle = inspect.getsource(RequestResponseCycle)
+    for attribute in ("keep_alive", "response_started", "response_complete"):
+        assert f"self.{attribute}" in cycle, f"RequestResponseCycle no longer has {attribute}"
