@@ -51,26 +51,20 @@ def sniff_format(data: bytes) -> str | None:
 # worker threads, where a decode of seconds cannot hold up the small ones.
 SMALL_PIXELS = 512 * 512
 SMALL_COST = SMALL_PIXELS * 12  # the decode budget's cost of such an image (open_upload's estimate)
-_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 @dataclass
 class Opened:
     """An upload whose header passed every check; nothing decoded yet. ``image``: the opened file, set to decode
-    at ``image.size`` (a JPEG's reduced DCT scale when ``drafted``); ``orientation``: its EXIF orientation
-    (1-8; None when the EXIF block is broken, and then ignored as Pillow does); ``cost``: the bytes its decode
-    may hold at its peak, counted against the decode budget."""
+    at ``image.size`` (a JPEG's reduced DCT scale when ``drafted``); ``orientation``: a JPEG's EXIF orientation
+    (1-8; None for other formats, whose EXIF may only be read with the pixels, and for a broken EXIF block,
+    which is then ignored as Pillow does); ``cost``: the bytes its decode may hold at its peak, counted against
+    the decode budget."""
     image: Image.Image
     cost: int
     jpeg: bytes | None = None  # a JPEG's bytes, for the scan check of finish_decode
-    orientation: int | None = 1
+    orientation: int | None = None  # a JPEG's EXIF orientation, read with its header
     drafted: bool = False
-
-    @property
-    def upright_size(self) -> tuple[int, int]:
-        """(width, height) as decoded and turned upright, before any ``max_side`` cap."""
-        w, h = self.image.size
-        return (h, w) if self.orientation in _TRANSPOSED else (w, h)
 
 
 def jpeg_ends_early(data: bytes) -> bool:
@@ -154,10 +148,12 @@ def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
         draft_for(img, max_side)
     except Exception:
         raise BadImage("the image header is damaged") from None
-    try:
-        orientation = int(img.getexif().get(0x0112, 1))
-    except Exception:  # a broken EXIF block: the pixels are kept as stored (model.images.to_rgb)
-        orientation = None
+    orientation = None
+    if img.format in ("JPEG", "MPO"):  # its EXIF block is read with the header (a PNG's may follow the pixels)
+        try:
+            orientation = int(img.getexif().get(0x0112, 1))
+        except Exception:  # a broken EXIF block: the pixels are kept as stored (model.images.to_rgb)
+            orientation = None
     w, h = img.size
     out_w, out_h = fitted_size((w, h), max_side)
     return Opened(img, w * h * _BYTES_PER_PIXEL.get(img.mode, 10) + out_w * out_h * 8,
@@ -221,11 +217,14 @@ def finish_decode(opened: Opened, max_side: int) -> np.ndarray:
 
 class DecodeBudget:
     """Bytes that decodes (or large paintings) in progress may hold together. A holder waits (in order) until
-    its cost fits; one that costs more than the whole budget runs alone. (The memory they free goes back to
-    the OS from one place: app/batcher.py's ``IdleRelease``.)"""
+    its cost fits; one that costs more than the whole budget runs alone. When the budget falls idle after
+    holders that took ``trim_after`` bytes or more since the last time, ``on_idle()`` is called (the service's
+    ``IdleRelease.after_burst``: in a burst of big decodes, the heap each one freed goes back to the OS before
+    the next; small ones add up first, as malloc_trim costs about as much as a 256x256 decode)."""
 
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+    def __init__(self, limit: int, on_idle: Callable[[], None] | None = None, trim_after: int = 32 * 1024 * 1024):
+        self.limit, self.used, self.on_idle, self.trim_after = limit, 0, on_idle, trim_after
+        self.held_since_trim = 0
         self._waiting = 0
         self._turn = asyncio.Condition()
 
@@ -242,6 +241,7 @@ class DecodeBudget:
                 self.used += cost
         else:  # it fits and nobody waits: taken at once (one event loop: no other taker in between)
             self.used += cost
+        self.held_since_trim += cost
         try:
             yield
         finally:
@@ -249,16 +249,21 @@ class DecodeBudget:
             if self._waiting:
                 async with self._turn:
                     self._turn.notify_all()
+            if self.used == 0 and self.held_since_trim >= self.trim_after and self.on_idle is not None:
+                self.held_since_trim = 0
+                self.on_idle()
 
 
 class Decoder:
     """The decoding stage: an upload's header checked (``open``), then its pixels decoded (``decode``) while it
     holds its share of the decode budget, a small image on ``small_thread`` (the codec threads or the event
-    loop), a larger one on anyio's worker threads. ``decoded()`` is called once per decode (a metric)."""
+    loop), a larger one on anyio's worker threads. ``decoded()`` is called once per decode (a metric);
+    ``on_idle()`` when the budget falls idle after a burst (``DecodeBudget``)."""
 
     def __init__(self, budget_bytes: int, max_pixels: int, max_side: int,
-                 small_thread: Callable[..., Awaitable], decoded: Callable[[], None] = lambda: None):
-        self.budget = DecodeBudget(budget_bytes)
+                 small_thread: Callable[..., Awaitable], decoded: Callable[[], None] = lambda: None,
+                 on_idle: Callable[[], None] | None = None):
+        self.budget = DecodeBudget(budget_bytes, on_idle)
         self.max_pixels, self.max_side = max_pixels, max_side
         self.small_thread, self.decoded = small_thread, decoded
 

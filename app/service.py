@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -14,14 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from app.batcher import Batcher, Large, Timing
+from app.batcher import Batcher, IdleRelease, Large, Timing
 from app.catalogue import Catalogue
 from app.config import Settings
 from app.decoding import SMALL_PIXELS, DecodeBudget, Decoder, Opened
 from app.encoding import FAST_PNG, FORMATS, encode_blend
 from app.errors import Busy, ClientClosed, NotReady
 from app.observability import Metrics
-from model.plan import PaintPlan, plan_painting
+from model.images import fitted_size
+from model.plan import plan_painting
 from model.runtime import cpu_cores, resolve_device
 from model.translator import FifoLock, Translator
 
@@ -60,11 +62,12 @@ class PaintingService:
         self.catalogue = Catalogue(settings.weights, settings.default_style, settings.max_loaded_styles,
                                    settings.max_styles, self._translator_for, self._styles_changed)
         self.batcher: Batcher | None = None
+        self.idle_release = IdleRelease(self.catalogue.translators)  # memory goes back from here alone
         self._painted: dict = {}  # style name -> its monet_paintings_total child
         self.load_error: str | None = None
         # full-size paintings hold a budget of their own from decode to encode (their decode also takes the decode
         # budget), so that a large painting in progress never keeps small uploads from decoding
-        self.large_budget = DecodeBudget(settings.decode_budget_bytes)
+        self.large_budget = DecodeBudget(settings.decode_budget_bytes, self.idle_release.after_burst)
         # time.monotonic() of the SIGTERM: finish what arrived before it, take nothing new
         self.drain_started = float("inf")
         self._loading: asyncio.Task | None = None
@@ -79,7 +82,7 @@ class PaintingService:
                 threads = 0
         self.codecs = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="codec") if threads else None
         self.decoder = Decoder(settings.decode_budget_bytes, settings.max_pixels, settings.max_side,
-                               self._on_codec_thread, metrics.decodes.inc)
+                               self._on_codec_thread, metrics.decodes.inc, self.idle_release.after_burst)
 
     def start_draining(self) -> None:
         self.drain_started = time.monotonic()
@@ -143,7 +146,7 @@ class PaintingService:
             log.error("model not loaded: %s", exc)
             return
         batcher = Batcher(None, s.max_batch_size, s.max_batch_wait_ms / 1000, s.queue_size, self.metrics,
-                          translators=self.catalogue.translators)
+                          translators=self.catalogue.translators, idle_release=self.idle_release)
         batcher.start()
         self.batcher = batcher
         t = style.translator
@@ -216,9 +219,9 @@ class PaintingService:
         s = self.settings
         started = time.perf_counter()
         opened = self.decoder.open(data)  # the header only: microseconds
-        plan = plan_painting(*opened.upright_size, stroke_scale, s.tile, s.max_side)
-        if not plan.batched:
-            return await self._paint_large(opened, plan, slot, fmt, gone, strength, started, translator)
+        # batched or not does not depend on the EXIF rotation, which the decode applies
+        if not plan_painting(*opened.image.size, stroke_scale, s.tile, s.max_side).batched:
+            return await self._paint_large(opened, stroke_scale, slot, fmt, gone, strength, started, translator)
         image = await self.decoder.decode(opened, s.request_timeout_s)
         decoded = time.perf_counter()
         result, timing = await slot.submit(image, s.request_timeout_s, gone, translator=translator)
@@ -232,17 +235,19 @@ class PaintingService:
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
 
-    async def _paint_large(self, opened: Opened, plan: PaintPlan, slot, fmt: str, gone, strength: float,
-                           started: float, translator: Translator) -> Painting:
+    async def _paint_large(self, opened: Opened, stroke_scale: float | None, slot, fmt: str, gone,
+                           strength: float, started: float, translator: Translator) -> Painting:
         """A painting made on its own (``Translator.paint_planned`` beside the batches): its whole life (decode,
         painting, encode) holds its share of the large-painting budget, so that the full-size buffers of only so
         many large images are in memory at once; the decode itself also takes its share of the decode budget."""
         s = self.settings
-        cost = opened.cost + plan.size[0] * plan.size[1] * 8  # + the painting (3 B/px), its encoding, the blend's strips
+        w, h = fitted_size(opened.image.size, s.max_side)
+        cost = opened.cost + w * h * 8  # + the painting (3 B/px), its encoding, the blend's strips
         try:
-            async with self.large_budget.hold(cost, s.request_timeout_s):
+            async with self.large_budget.hold(cost, s.request_timeout_s), self._working_async():
                 image = await self.decoder.decode(opened, s.request_timeout_s)
                 decoded = time.perf_counter()
+                plan = plan_painting(image.shape[1], image.shape[0], stroke_scale, s.tile)  # upright, as decoded
                 result, timing = await slot.submit(image, s.request_timeout_s, gone, Large(plan, s.upsampler),
                                                    translator)
                 if gone is not None and await gone():
@@ -254,6 +259,12 @@ class PaintingService:
             raise Busy("the server is busy with other large images; retry shortly") from None
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
+
+    @contextlib.asynccontextmanager
+    async def _working_async(self):
+        """A large painting keeps the model's memory in use from its decode to its answer (``IdleRelease``)."""
+        with self.idle_release.working():
+            yield
 
     async def _on_codec_thread(self, fn, *args):
         """``fn(*args)`` for a small image's decode or encode: on the codec threads when there are any (the

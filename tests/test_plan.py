@@ -36,17 +36,24 @@ def test_the_default_stroke_scale_is_the_plans():
     assert plan_painting(8064, 6048, max_side=4032).stroke_scale == pytest.approx(4032 / 1024)
 
 
-def test_an_upload_is_planned_at_its_upright_size():
-    """A rotated phone photo (EXIF orientation 6) is stored landscape and painted portrait: the service plans
-    from the size the decode gives, recorded once when the header is read."""
+def test_a_rotated_upload_is_planned_alike_from_its_header_and_painted_at_its_upright_size(tmp_path):
+    """A phone photo with EXIF orientation 6 is stored landscape and painted portrait: whether it is batched does
+    not depend on the rotation (the service decides from the header), and the plan of the decoded, upright
+    image paints it at its upright size."""
+    from app.decoding import finish_decode
+
     img = photo(400, 300, seed=2)
     exif = Image.Exif()
     exif[0x0112] = 6
     buf = io.BytesIO()
     img.save(buf, "JPEG", exif=exif)
     opened = open_upload(buf.getvalue(), 50_000_000, 0)
-    assert opened.orientation == 6 and opened.upright_size == (300, 400)
-    assert plan_painting(*opened.upright_size, stroke_scale=2).painted == (150, 200)
+    assert opened.orientation == 6 and opened.image.size == (400, 300)
+    for scale in (None, 1, 2):
+        assert plan_painting(*opened.image.size, scale, 1024).batched == plan_painting(300, 400, scale, 1024).batched
+    upright = finish_decode(opened, 0)
+    assert upright.shape[:2] == (400, 300)
+    assert plan_painting(upright.shape[1], upright.shape[0], stroke_scale=2).painted == (150, 200)
 
 
 def test_the_translator_paints_by_the_plan():
