@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -179,7 +180,9 @@ class PaintingService:
             "replica": REPLICA,
             "ready": self.ready,
             "load_error": self.load_error,
-            "model": t.info.as_dict() if t is not None and t.info is not None else None,
+            # the file by name: no path of this machine (nor, model.weights.without_paths, of the training one)
+            "model": t.info.as_dict() | {"path": Path(t.info.path).name} if t is not None and t.info is not None
+            else None,
             "default_style": self.catalogue.default or None,
             "styles": {name: f.version for name, f in sorted(self.catalogue.files.items())},
             "loaded_styles": list(self.catalogue.loaded),

@@ -23,7 +23,6 @@ from app.service import PaintingService  # noqa: E402
 from model.translator import NonFiniteOutput  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
-FAVICON = Path(__file__).resolve().parent / "static" / "favicon.png"
 OUTPUTS = Path(tempfile.gettempdir()) / "monet-cyclegan-ui"
 PREVIEW_SIDE = 2048  # the before/after slider shows larger photos at this longer side
 log = logging.getLogger("monet.access")
@@ -146,4 +145,4 @@ def build_ui(service: PaintingService) -> gr.Blocks:
 def mount_ui(app: FastAPI, service: PaintingService) -> FastAPI:
     return gr.mount_gradio_app(app, build_ui(service), path="/ui", footer_links=["api"], run_history=False,
                                max_file_size=service.settings.max_upload_bytes, ssr_mode=False,
-                               allowed_paths=[str(EXAMPLES)], css=CSS, favicon_path=str(FAVICON))
+                               allowed_paths=[str(EXAMPLES)], css=CSS)  # the app serves /favicon.ico itself

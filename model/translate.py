@@ -1,8 +1,8 @@
 """`python -m model.translate INPUT... --out DIR`: convert photos to Monet-style paintings offline.
 
 Inputs are image files and folders (searched recursively). Unreadable inputs are skipped with a
-warning and make the exit code 1 at the end. `--zip images.zip --format jpeg` writes a Kaggle-style
-submission archive as well.
+warning and make the exit code 1 at the end. `--zip images.zip` writes a Kaggle-style submission archive
+(JPEG unless --format says otherwise) as well.
 """
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upsampler", choices=UPSAMPLERS, default=UPSAMPLERS[0],
                    help="how a painting made at a stroke scale over 1 comes back to full size: guided (edges from "
                         "the photo, colours and strokes from the painting) or lanczos")
-    p.add_argument("--format", choices=sorted(FORMATS), default="png", help="output image format")
+    p.add_argument("--format", choices=sorted(FORMATS), default=None,
+                   help="output image format (default png; jpeg with --zip, as Kaggle submissions need)")
     p.add_argument("--zip", type=Path, default=None, help="also pack all outputs into this zip archive")
     p.add_argument("--codec", choices=["auto", "pil", "torchvision"], default="auto",
                    help="JPEG decoding and encoding: torchvision keeps the pixels on the device (nvJPEG on CUDA) for "
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     files, problems = collect_inputs(args.inputs)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
+    args.format = args.format or ("jpeg" if args.zip is not None else "png")
     fmt = FORMATS[args.format]
     pil_format, ext, save_kw = fmt.pil, fmt.extension, fmt.options
     device_codec = args.format == "jpeg" and (args.codec == "torchvision" or (

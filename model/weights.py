@@ -137,6 +137,18 @@ _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "b
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
+def without_paths(value):
+    """``value`` (a weight file's training description) with every absolute path cut to its last part (a
+    folder or file name): what a run read or wrote on the machine that trained it is not for /info."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", value)):
+        return Path(value).name or value
+    return value
+
+
 def read_info(path: str | os.PathLike, tensors: bool = True) -> tuple[GeneratorInfo, dict[str, torch.Tensor]]:
     """Read a weight file's description and tensors (``tensors`` False: the description alone, from the header;
     the dict comes back empty). Raises WeightsError with a one-line message."""
@@ -170,7 +182,7 @@ def read_info(path: str | os.PathLike, tensors: bool = True) -> tuple[GeneratorI
         architecture=meta["architecture"],
         settings=settings,
         direction=meta.get("direction", "photo->monet"),
-        training=training,
+        training=without_paths(training),
         stored_dtype=",".join(sorted(dtypes)) or "none",
         name=meta.get("name") or None,
         scores=scores if isinstance(scores, dict) else {},

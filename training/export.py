@@ -10,13 +10,16 @@ from pathlib import Path
 import torch
 
 from model.networks import build_generator
-from model.weights import save_generator
+from model.weights import save_generator, without_paths
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from training.config import TrainConfig, generator_settings
 
 
 def training_summary(cfg: TrainConfig, state: dict) -> dict:
-    return {"preset": cfg.preset, "config": cfg.__dict__, "step": state["step"]} | state.get("summary", {})
+    """What a weight file says about the run that made it: the preset, the configuration (its folders by name:
+    no absolute path of the training machine is written), the step and the run's summary."""
+    return without_paths({"preset": cfg.preset, "config": cfg.__dict__, "step": state["step"]}
+                         | state.get("summary", {}))
 
 
 def export_checkpoint(checkpoint: Path, out: Path, fp16: bool = False, name: str | None = None) -> Path:
