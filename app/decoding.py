@@ -4,6 +4,7 @@ then decodes it under the decode budget, on the thread its size calls for."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import warnings
 from contextlib import asynccontextmanager
@@ -63,8 +64,17 @@ class Opened:
     image: Image.Image
     cost: int
     jpeg: bytes | None = None  # a JPEG's bytes, for the scan check of finish_decode
-    orientation: int | None = None  # a JPEG's EXIF orientation, read with its header
     drafted: bool = False
+
+    @functools.cached_property
+    def orientation(self) -> int | None:
+        """A JPEG's EXIF orientation (read on the decoding thread, once: not on the event loop at admission)."""
+        if self.jpeg is None:  # a PNG's EXIF may follow its pixels: Pillow would decode them to find it
+            return None
+        try:
+            return int(self.image.getexif().get(0x0112, 1))
+        except Exception:  # a broken EXIF block: the pixels are kept as stored (model.images.to_rgb)
+            return None
 
 
 def jpeg_ends_early(data: bytes) -> bool:
@@ -148,16 +158,10 @@ def open_upload(data: bytes, max_pixels: int, max_side: int) -> Opened:
         draft_for(img, max_side)
     except Exception:
         raise BadImage("the image header is damaged") from None
-    orientation = None
-    if img.format in ("JPEG", "MPO"):  # its EXIF block is read with the header (a PNG's may follow the pixels)
-        try:
-            orientation = int(img.getexif().get(0x0112, 1))
-        except Exception:  # a broken EXIF block: the pixels are kept as stored (model.images.to_rgb)
-            orientation = None
     w, h = img.size
     out_w, out_h = fitted_size((w, h), max_side)
     return Opened(img, w * h * _BYTES_PER_PIXEL.get(img.mode, 10) + out_w * out_h * 8,
-                  data if img.format in ("JPEG", "MPO") else None, orientation, (w, h) != (width, height))
+                  data if img.format in ("JPEG", "MPO") else None, (w, h) != (width, height))
 
 
 def plain_jpeg(opened: Opened, max_side: int) -> bool:
