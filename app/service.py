@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -247,27 +246,23 @@ class PaintingService:
         w, h = fitted_size(opened.image.size, s.max_side)
         cost = opened.cost + w * h * 8  # + the painting (3 B/px), its encoding, the blend's strips
         try:
-            async with self.large_budget.hold(cost, s.request_timeout_s), self._working_async():
-                image = await self.decoder.decode(opened, s.request_timeout_s)
-                decoded = time.perf_counter()
-                plan = plan_painting(image.shape[1], image.shape[0], stroke_scale, s.tile)  # upright, as decoded
-                result, timing = await slot.submit(image, s.request_timeout_s, gone, Large(plan, s.upsampler),
-                                                   translator)
-                if gone is not None and await gone():
-                    raise ClientClosed("the client closed the connection before its painting was ready")
-                computed = time.perf_counter()
-                body = await run_in_threadpool(encode_blend, image, result, strength, fmt)
+            # a large painting keeps the model's memory in use from its decode to its answer (IdleRelease)
+            async with self.large_budget.hold(cost, s.request_timeout_s):
+                with self.idle_release.working():
+                    image = await self.decoder.decode(opened, s.request_timeout_s)
+                    decoded = time.perf_counter()
+                    plan = plan_painting(image.shape[1], image.shape[0], stroke_scale, s.tile)  # upright, as decoded
+                    result, timing = await slot.submit(image, s.request_timeout_s, gone, Large(plan, s.upsampler),
+                                                       translator)
+                    if gone is not None and await gone():
+                        raise ClientClosed("the client closed the connection before its painting was ready")
+                    computed = time.perf_counter()
+                    body = await run_in_threadpool(encode_blend, image, result, strength, fmt)
         except asyncio.TimeoutError:
             opened.image.close()
             raise Busy("the server is busy with other large images; retry shortly") from None
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
-
-    @contextlib.asynccontextmanager
-    async def _working_async(self):
-        """A large painting keeps the model's memory in use from its decode to its answer (``IdleRelease``)."""
-        with self.idle_release.working():
-            yield
 
     async def _on_codec_thread(self, fn, *args):
         """``fn(*args)`` for a small image's decode or encode: on the codec threads when there are any (the
