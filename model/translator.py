@@ -28,7 +28,7 @@ from model.weights import GeneratorInfo, load_generator
 
 log = logging.getLogger("monet.translator")
 TILE_OVERLAP = 64  # pixels two neighbouring tiles share, blended with raised-cosine ramps
-THUMB_SIDE = 1024  # the thumbnail whose statistics every tile uses (held-out 1536x1024: 1.4 levels from whole)
+THUMB_PIXELS = 1024 * 1024  # the thumbnail whose statistics every tile uses: as large as the largest whole painting
 
 
 class NonFiniteOutput(RuntimeError):
@@ -131,7 +131,7 @@ class Translator:
         return enlarge(painting, image, upsampler)
 
     def translate_tiled(self, image: np.ndarray, tile: int = 1024, overlap: int = TILE_OVERLAP,
-                        thumb_side: int = THUMB_SIDE, stop=None) -> np.ndarray:
+                        thumb_pixels: int = THUMB_PIXELS, stop=None) -> np.ndarray:
         """Paint one uint8 (H, W, 3) image of any size in overlapping ``tile`` x ``tile`` tiles, every tile
         normalised with the statistics of one thumbnail pass (model/tiling.py); memory follows the tile, not
         the image. An image that fits one tile is painted whole, exactly as ``translate_many`` paints it.
@@ -144,7 +144,7 @@ class Translator:
                 log.info("tiled painting runs on torch in fp32: the %s backend cannot share normalisation "
                          "statistics between tiles", self.backend)
             self._shared = SharedStatistics(self._generator).to(self.device)
-        painting, finite = paint_tiled(self._shared, image, tile, overlap, thumb_side, self.size_multiple,
+        painting, finite = paint_tiled(self._shared, image, tile, overlap, thumb_pixels, self.size_multiple,
                                        self.device, self._lock, stop)
         if not finite:
             raise NonFiniteOutput(_NON_FINITE)
