@@ -78,3 +78,18 @@ class Settings(BaseSettings):
                                     "time from the connection's (or the request's) first byte (408 after)")
     drain_s: float = Field(2.0, ge=0, description="on SIGTERM: seconds of /readyz 503 before new connections stop")
     shutdown_grace_s: int = Field(10, ge=0, description="then: seconds the accepted requests have to finish")
+    jobs_dir: Path = Field(Path("/tmp/monet-jobs"), description="video jobs' folder (POST /jobs): uploads, results "
+                           "and each job's state; a restart marks the jobs it interrupted as failed")
+    jobs_concurrency: int = Field(1, ge=1, le=16, description="video jobs painted at once (each frame takes its turn "
+                                  "with the requests' batches)")
+    jobs_max_upload_bytes: int = Field(500 * 1024 * 1024, ge=1, description="a clip's byte limit, counted while "
+                                       "it streams to disk (413)")
+    jobs_upload_timeout_s: float = Field(600.0, gt=0, description="a clip must arrive within this time (408 after)")
+    jobs_max_duration_s: float = Field(600.0, gt=0, description="a clip's duration limit, read from its header (413)")
+    jobs_max_frame_pixels: int = Field(2_000_000_000, ge=1, description="frames x width x height limit, read from "
+                                       "the header (413): 2e9 is about 36 min of 640x360 or 90 s of 1920x1080 at 25 "
+                                       "frames/s")
+    jobs_storage_bytes: int = Field(5 * 1024 ** 3, ge=1, description="the jobs' folder cap: new jobs get 503 "
+                                    "while uploads and results hold more")
+    jobs_ttl_s: float = Field(3600.0, gt=0, description="a finished job and its result are deleted after this "
+                              "time")

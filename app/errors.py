@@ -58,6 +58,14 @@ class UnknownStyle(Refusal):
     """A style the catalogue does not have; the detail lists the ones it has."""
 
 
+class UnknownJob(Refusal):
+    """No video job with that id (never made, deleted, or expired)."""
+
+
+class NotFinished(Refusal):
+    """The video job has no result (yet): it is queued, running, failed or cancelled."""
+
+
 class Unauthorized(Refusal):
     """An admin request without the right token."""
 
@@ -84,7 +92,7 @@ CLIENT_CLOSED = 499  # nginx's status for a client that closed its connection be
 
 STATUS: dict[type[Exception], int] = {
     BadImage: 400, MalformedBody: 400, NotAcceptable: 406, UploadTooSlow: 408, TooLarge: 413,
-    UnsupportedMedia: 415, BadRequest: 422, UnknownStyle: 404, Unauthorized: 401, ClientClosed: CLIENT_CLOSED,
+    UnsupportedMedia: 415, BadRequest: 422, UnknownStyle: 404, UnknownJob: 404, NotFinished: 409, Unauthorized: 401, ClientClosed: CLIENT_CLOSED,
     NonFiniteOutput: 500,
     Busy: 503, NotReady: 503, TimedOut: 504,
 }

@@ -36,6 +36,10 @@ class Metrics:
                                    registry=self.registry)
         self.reloads = Counter("monet_reloads", "style reloads (SIGHUP, POST /admin/reload) by outcome: ok, or "
                                "refused when some file was refused", ["outcome"], registry=self.registry)
+        self.jobs = Gauge("monet_jobs", "video jobs by state (queued, running, done, failed, cancelled)",
+                          ["state"], registry=self.registry)
+        self.frames_painted = Counter("monet_video_frames_painted", "video frames painted by jobs",
+                                      registry=self.registry)
         self.connections_refused = Counter(
             "monet_connections_refused", "connections closed by the server before a request: busy (over "
             "MONET_MAX_CONNECTIONS, all in requests), evicted (the oldest idle one, to make room), header_timeout",

@@ -10,10 +10,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.config import OutputFormat
 from app.encoding import FORMATS, negotiate
-from app.errors import NotAcceptable, Unauthorized, documented
+from app.errors import NotAcceptable, NotFinished, Unauthorized, UnknownJob, documented
+from app.jobs import Job, suffix_for
 from app.service import Painting, PaintingService
 from model.stroke import STROKE_SCALES
-from app.uploads import image_bytes
+from app.uploads import image_bytes, save_video
 
 router = APIRouter()
 
@@ -80,6 +81,76 @@ def painting_response(painting: Painting) -> Response:
     return Response(painting.data, media_type=painting.media_type, headers={
         "X-Queue-Ms": f"{t.queue_ms:.1f}", "X-Compute-Ms": f"{t.compute_ms:.1f}", "X-Batch-Size": str(t.batch_size),
         "Server-Timing": painting.server_timing(), "X-Style": painting.style, "X-Model-Version": painting.version})
+
+
+VIDEO_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                               "properties": {"file": {"type": "string", "format": "binary"}}}},
+            **{media: {"schema": {"type": "string", "format": "binary"}} for media in ("video/mp4",
+                                                                                      "video/quicktime")},
+        },
+    }
+}
+JOB_ERRORS = {code: ERRORS[code] for code in (400, 404, 408, 409, 413, 415, 422, 503) if code in ERRORS}
+
+
+@router.post("/jobs", status_code=202, openapi_extra=VIDEO_BODY, responses=JOB_ERRORS)
+async def submit_job(request: Request) -> JSONResponse:
+    """Paint a video clip as an asynchronous job (multipart field `file`, or a raw video/* body): 202 with the
+    job's id and URL; poll `GET /jobs/{id}`, download `GET /jobs/{id}/result`."""
+    jobs = service_of(request).jobs
+    declared = request.headers.get("content-length", "")
+    jobs.admit(int(declared) if declared.isdigit() else None)
+    job_id, folder = jobs.new_folder()
+    s = service_of(request).settings
+    try:
+        name = await save_video(request, folder / "upload", s.jobs_max_upload_bytes, s.jobs_upload_timeout_s)
+    except BaseException:
+        jobs.discard_folder(folder)
+        raise
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    name = name or f"clip{suffix_for(None, content_type)}"
+    job = await jobs.submit(job_id, folder, folder / "upload", Path(name).name[:200])
+    return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+def job_of(request: Request, job_id: str) -> Job:
+    job = service_of(request).jobs.get(job_id)
+    if job is None:
+        raise UnknownJob(f"no job {job_id!r}: never made, deleted, or expired after "
+                         f"{service_of(request).settings.jobs_ttl_s:g} s")
+    return job
+
+
+@router.get("/jobs/{job_id}", responses={404: ERRORS[404]})
+async def job_status(request: Request, job_id: str) -> dict:
+    """A job's state (queued, running, done, failed, cancelled), frames done of total, ETA, and the error."""
+    return job_of(request, job_id).describe()
+
+
+@router.get("/jobs/{job_id}/result", response_class=FileResponse,
+            responses={200: {"content": {"video/mp4": {}}, "description": "the painted clip"},
+                       404: ERRORS[404], 409: ERRORS[409]})
+async def job_result(request: Request, job_id: str) -> FileResponse:
+    """The painted clip (H.264 in MP4), once the job is done."""
+    job = job_of(request, job_id)
+    path = service_of(request).jobs.result(job)
+    if path is None:
+        raise NotFinished(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else "")
+                          + "; the result is there once it is done")
+    stem = Path(job.name).stem or "clip"
+    return FileResponse(path, media_type="video/mp4", filename=f"{stem}-monet.mp4")
+
+
+@router.delete("/jobs/{job_id}", responses={404: ERRORS[404]})
+async def job_delete(request: Request, job_id: str) -> dict:
+    """Cancel a job (a running one stops before its next frame) and delete its files."""
+    job = job_of(request, job_id)
+    service_of(request).jobs.delete(job)
+    return {"id": job_id, "state": "cancelled" if job.state == "cancelled" else "deleted"}
 
 
 @router.get("/styles")

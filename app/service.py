@@ -21,6 +21,7 @@ from app.config import Settings
 from app.decoding import SMALL_PIXELS, DecodeBudget, Decoder, Opened
 from app.encoding import FAST_PNG, FORMATS, encode_blend
 from app.errors import Busy, ClientClosed, NotReady
+from app.jobs import Jobs
 from app.observability import Metrics
 from model.images import fitted_size
 from model.plan import plan_painting
@@ -65,6 +66,7 @@ class PaintingService:
         self.idle_release = IdleRelease(self.catalogue.translators)  # memory goes back from here alone
         self._painted: dict = {}  # style name -> its monet_paintings_total child
         self.load_error: str | None = None
+        self.jobs = Jobs(settings, metrics, lambda: self.translator)  # video clips (app/jobs.py)
         # full-size paintings hold a budget of their own from decode to encode (their decode also takes the decode
         # budget), so that a large painting in progress never keeps small uploads from decoding
         self.large_budget = DecodeBudget(settings.decode_budget_bytes, self.idle_release.after_burst)
@@ -130,6 +132,7 @@ class PaintingService:
 
     async def start(self) -> None:
         self._loading = asyncio.create_task(self._load())
+        await self.jobs.start()
         if threading.current_thread() is threading.main_thread():  # the real server (not an in-process client)
             try:
                 asyncio.get_running_loop().add_signal_handler(
@@ -167,6 +170,7 @@ class PaintingService:
     async def stop(self) -> None:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        await self.jobs.stop()
         if self.batcher is not None:
             await self.batcher.stop()
         if self.codecs is not None:

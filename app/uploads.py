@@ -3,6 +3,7 @@ counted while streaming so an oversized body is refused before it is all buffere
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -114,3 +115,62 @@ async def image_bytes(request: Request, limit: int, timeout_s: float | None = No
         return await field.read()
     finally:
         await form.close()
+
+
+async def save_video(request: Request, target, limit: int, timeout_s: float) -> str | None:
+    """Stream an uploaded clip to the file ``target`` (a multipart field `file`, or a raw video/* or
+    application/octet-stream body), never holding more than a chunk in memory; the upload's file name (or
+    None). Raises TooLarge past ``limit`` bytes, UploadTooSlow after ``timeout_s``, UnsupportedMedia for
+    another content type, BadRequest or MalformedBody for a multipart body without one `file`, ClientClosed
+    when the client leaves mid-body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = content_type.startswith("video/") or content_type == "application/octet-stream"
+    if not raw and content_type != "multipart/form-data":
+        raise UnsupportedMedia(f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
+                               "with a file field named 'file', or the raw clip with a video/* content type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"the body is {declared} bytes; the limit is {limit} (MONET_JOBS_MAX_UPLOAD_BYTES)")
+    received = 0
+
+    async def counted():
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise TooLarge(f"the body exceeds the limit of {limit} bytes (MONET_JOBS_MAX_UPLOAD_BYTES)")
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        return message
+
+    async def read() -> str | None:
+        if raw:
+            with open(target, "wb") as out:
+                async for chunk in Request(request.scope, counted).stream():
+                    out.write(chunk)
+            return None
+        try:  # file parts spool to disk past 1 MB (starlette)
+            form = await Request(request.scope, counted).form(max_files=1, max_fields=MAX_FIELDS,
+                                                              max_part_size=MAX_PART_SIZE)
+        except (MultiPartException, HTTPException) as exc:
+            message = getattr(exc, "message", None) or getattr(exc, "detail", "")
+            raise MalformedBody(f"the multipart body was refused: {message} (send one file field named 'file')") \
+                from None
+        try:
+            field = form.get("file")
+            if not isinstance(field, UploadFile):
+                raise BadRequest("the multipart body needs a file field named 'file'")
+            with open(target, "wb") as out:
+                await asyncio.to_thread(shutil.copyfileobj, field.file, out, 1024 * 1024)
+            return field.filename
+        finally:
+            await form.close()
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise UploadTooSlow(f"the clip did not arrive within {timeout_s:g} s ({received} bytes came); "
+                            "MONET_JOBS_UPLOAD_TIMEOUT_S") from None
+    except ClientDisconnect:
+        raise ClientClosed(f"the client closed the connection after {received} bytes of the body") from None

@@ -1,7 +1,8 @@
 """`python -m model.translate INPUT... --out DIR`: convert photos to Monet-style paintings offline.
 
-Inputs are image files and folders (searched recursively). Unreadable inputs are skipped with a
-warning and make the exit code 1 at the end. `--zip images.zip` writes a Kaggle-style submission archive
+Inputs are image files, video clips and folders of either (searched recursively). A clip is painted into
+OUT/NAME.mp4 (H.264; frame count, timing, size, rotation and audio kept) with steady colours (model/video.py).
+Unreadable inputs are skipped with a warning and make the exit code 1 at the end. `--zip images.zip` writes a Kaggle-style submission archive
 (JPEG unless --format says otherwise) as well.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from model.images import IMAGE_EXTENSIONS
 from model.plan import plan_painting
 from model.stroke import STROKE_SCALES, UPSAMPLERS
 from model.translator import NonFiniteOutput, Translator
+from model.video import DEFAULT_SMOOTHING, VIDEO_EXTENSIONS, VIDEO_MODES, VideoError, is_video, paint_clip
 from model.weights import SHIPPED_WEIGHTS, WeightsError, atomic_write
 
 # The CLI (not the library) honours the service's MONET_WEIGHTS, so a container converts with what it serves.
@@ -32,7 +34,8 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, Path]], list[st
     found, problems = [], []
     for item in inputs:
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(p for p in item.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS | set(VIDEO_EXTENSIONS))
             found += [(p, p.relative_to(item)) for p in files]
         elif item.is_file():
             found.append((item, Path(item.name)))
@@ -91,7 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JPEG decoding and encoding: torchvision keeps the pixels on the device (nvJPEG on CUDA) for "
                         "JPEG in and --format jpeg out; other files still go through Pillow. auto = torchvision on "
                         "CUDA with --format jpeg, else pil")
+    p.add_argument("--video-mode", choices=VIDEO_MODES, default=VIDEO_MODES[0],
+                   help="clips: steady (normalisation statistics shared over each shot, unchanged pixels settled "
+                        "over time: no shimmer) or per-frame (each frame painted on its own, for comparison)")
+    p.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
+                   help=f"clips, steady mode: weight of a shot's running statistics against each new frame's "
+                        f"(0 to below 1; default {DEFAULT_SMOOTHING})")
     return p
+
+
+def paint_videos(translator, clips: list[tuple[Path, Path]], args, stroke_scale, problems: list[str]) -> list:
+    """Paint each clip into OUT/NAME.mp4 with a progress bar of frames; a clip that fails is reported in one
+    line and added to ``problems``, the others still done. The written (target, name) pairs."""
+    from tqdm import tqdm
+
+    written = []
+    for path, rel in clips:
+        target = args.out / rel.with_suffix(".mp4")
+        with tqdm(unit="frame", desc=rel.name, disable=None) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+            try:
+                paint_clip(translator, path, target, args.video_mode, args.smoothing, stroke_scale,
+                           args.upsampler, progress)
+            except VideoError as exc:
+                problems.append(f"{path}: {exc}")
+                tqdm.write(f"warning: skipping {path}: {exc}", file=sys.stderr)
+                continue
+        written.append((target, rel.with_suffix(".mp4").as_posix()))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --stroke-scale must be auto or a number from {low:g} to {high:g}, not {args.stroke_scale!r}",
               file=sys.stderr)
         return 2
+    if not 0.0 <= args.smoothing < 1.0:
+        print("error: --smoothing must be from 0 to below 1", file=sys.stderr)
+        return 2
     if not Path(args.weights).exists() and Path(args.weights) == DEFAULT_WEIGHTS:
         print(f"error: no default weights at {DEFAULT_WEIGHTS}; train one (python -m training.fit) "
               "and pass it with --weights", file=sys.stderr)
@@ -124,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     files, problems = collect_inputs(args.inputs)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
+    clips = [item for item in files if is_video(item[0])]
+    files = [item for item in files if not is_video(item[0])]
     args.format = args.format or ("jpeg" if args.zip is not None else "png")
     fmt = FORMATS[args.format]
     pil_format, ext, save_kw = fmt.pil, fmt.extension, fmt.options
@@ -172,13 +209,19 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write(target, lambda tmp: painting.save(tmp, pil_format, **save_kw))
                 written.append((target, rel.with_suffix(ext).as_posix()))
             bar.update(len(files[start : start + args.batch_size]))
+    try:
+        videos = paint_videos(translator, clips, args, stroke_scale, problems)
+    except NonFiniteOutput as exc:
+        print(f"error: {args.weights}: {exc}", file=sys.stderr)
+        return 2
     if args.zip is not None:
         def pack(tmp):
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
                 for target, name in written:
                     zf.write(target, name)
         atomic_write(args.zip, pack)
-    print(f"wrote {len(written)} image(s) to {args.out}" + (f" and {args.zip}" if args.zip else "")
+    print(f"wrote {len(written)} image(s)" + (f" and {len(videos)} clip(s)" if clips else "") + f" to {args.out}"
+          + (f" and {args.zip}" if args.zip else "")
           + (f"; {len(problems)} input(s) skipped" if problems else ""))
     return 1 if problems else 0
 
