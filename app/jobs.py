@@ -125,6 +125,20 @@ class Jobs:
         folder.mkdir(parents=True)
         return job_id, folder
 
+    async def submit_file(self, source: Path, name: str) -> Job:
+        """A job for a clip already on this machine (the UI's upload): copied into a job folder, then as
+        ``submit``."""
+        self.admit(source.stat().st_size)
+        if source.stat().st_size > self.settings.jobs_max_upload_bytes:
+            raise TooLarge("the clip is over MONET_JOBS_MAX_UPLOAD_BYTES")
+        job_id, folder = self.new_folder()
+        try:
+            await asyncio.to_thread(shutil.copyfile, source, folder / "upload")
+        except BaseException:
+            self.discard_folder(folder)
+            raise
+        return await self.submit(job_id, folder, folder / "upload", name)
+
     @staticmethod
     def discard_folder(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)

@@ -4,6 +4,7 @@ It calls the same PaintingService (and so the same batcher) as the REST route.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -95,6 +96,37 @@ def ui_painter(service: PaintingService):
     return paint
 
 
+def ui_video_painter(service: PaintingService):
+    """The Video tab's event: the clip becomes a job (app/jobs.py), its progress is shown as it runs, and the
+    painted clip plays in the page; a refusal or a failed job becomes a toast and one log line."""
+
+    async def paint_clip(upload, progress=gr.Progress()):
+        # preprocess=False: gr.Video's payload, {"video": {"path": ...}} (or the file's dict itself)
+        upload = upload or {}
+        path = (upload.get("video") or upload).get("path") if isinstance(upload, dict) else upload
+        if not path:
+            log_ui(422, "no clip")
+            gr.Warning("Upload a video clip first.")
+            return gr.skip(), gr.skip()
+        try:
+            job = await service.jobs.submit_file(Path(path), Path(path).name)
+        except Refusal as exc:
+            log_ui(status_of(exc), detail_of(exc))
+            raise gr.Error(detail_of(exc), print_exception=False) from None
+        while job.state in ("queued", "running"):
+            total = max(job.frames_total, 1)
+            progress((job.frames_done, total), desc=f"Painting frame {job.frames_done} of {total}", unit="frames")
+            await asyncio.sleep(0.5)
+        result = service.jobs.result(job)
+        if result is None:
+            detail = job.error or f"the job was {job.state}"
+            log_ui(422, detail)
+            raise gr.Error(detail, print_exception=False)
+        return str(result), str(result)
+
+    return paint_clip
+
+
 def style_choices(service: PaintingService) -> tuple[list[tuple[str, str]], str | None]:
     """The style dropdown's (label, name) choices and the default name, as the catalogue has them now."""
     catalogue = service.catalogue
@@ -116,33 +148,54 @@ def build_ui(service: PaintingService) -> gr.Blocks:
     with gr.Blocks(title="Monet-style photos", analytics_enabled=False,
                    delete_cache=(max(1, ttl // 2), ttl)) as demo:
         gr.Markdown("## Paint your photo like Claude Monet\nUpload, paste or take a photo; drag the slider to compare.")
-        # two columns of fixed height that wrap (stack) when the window is narrower than both minimum widths
-        with gr.Row(equal_height=False):
-            with gr.Column(min_width=360):
-                photo = gr.Image(label="Your photo", type="filepath", image_mode=None, height=440,
-                                 sources=["upload", "clipboard", "webcam"], elem_id="photo")
-                strength = gr.Slider(0, 100, value=100, step=5, label="Strength (% painting, the rest photo)",
-                                     elem_id="strength")
-                stroke = gr.Slider(0, 8, value=0, step=0.5, label="Stroke size (0: automatic from the photo's "
-                                   "size; 1: pixel for pixel; 4: strokes four times larger)", elem_id="stroke")
-                style = gr.Dropdown(choices=[], label="Style", elem_id="style", visible=False,
-                                    allow_custom_value=False, interactive=True)
-                button = gr.Button("Paint it", variant="primary", elem_id="paint")
-            with gr.Column(min_width=360):
-                slider = gr.ImageSlider(label="Photo | Monet", type="filepath", format="png", height=440,
-                                        elem_id="result")
-                download = gr.File(label="Download the painting (lossless PNG)", height=90, elem_id="download")
-        examples = sorted(str(p) for p in EXAMPLES.glob("*.jpg"))
-        if examples:
-            gr.Examples(examples=examples, inputs=photo, label="Example photos",
-                        elem_id="examples")
+        with gr.Tab("Photo", elem_id="photo-tab"):
+            photo, strength, stroke, style, button, slider, download = _photo_tab()
+        with gr.Tab("Video", elem_id="video-tab"):
+            gr.Markdown("A clip is painted frame by frame with steady colours (no shimmer), its sound kept. It runs "
+                        "as a job: the progress shows here, and the painted clip plays below when it is done.")
+            with gr.Row(equal_height=False):
+                with gr.Column(min_width=360):
+                    clip = gr.Video(label="Your clip", sources=["upload"], height=360, elem_id="clip")
+                    clip_button = gr.Button("Paint the clip", variant="primary", elem_id="paint-clip")
+                with gr.Column(min_width=360):
+                    painted = gr.Video(label="Monet", height=360, elem_id="painted-clip", autoplay=True, loop=True)
+                    clip_download = gr.File(label="Download the painted clip (MP4)", height=90,
+                                            elem_id="clip-download")
+            clip_button.click(ui_video_painter(service), inputs=[clip], outputs=[painted, clip_download],
+                              api_name="paint_clip", preprocess=False, concurrency_limit=4)
         demo.load(refresh_styles, outputs=style, api_name=False, queue=False)
         button.click(paint, inputs=[photo, strength, stroke, style], outputs=[slider, download],
                      api_name="translate", preprocess=False, concurrency_limit=service.settings.max_batch_size)
     return demo
 
 
+def _photo_tab():
+    """The Photo tab's components (built inside the caller's Blocks)."""
+    # two columns of fixed height that wrap (stack) when the window is narrower than both minimum widths
+    with gr.Row(equal_height=False):
+        with gr.Column(min_width=360):
+            photo = gr.Image(label="Your photo", type="filepath", image_mode=None, height=440,
+                             sources=["upload", "clipboard", "webcam"], elem_id="photo")
+            strength = gr.Slider(0, 100, value=100, step=5, label="Strength (% painting, the rest photo)",
+                                 elem_id="strength")
+            stroke = gr.Slider(0, 8, value=0, step=0.5, label="Stroke size (0: automatic from the photo's "
+                               "size; 1: pixel for pixel; 4: strokes four times larger)", elem_id="stroke")
+            style = gr.Dropdown(choices=[], label="Style", elem_id="style", visible=False,
+                                allow_custom_value=False, interactive=True)
+            button = gr.Button("Paint it", variant="primary", elem_id="paint")
+        with gr.Column(min_width=360):
+            slider = gr.ImageSlider(label="Photo | Monet", type="filepath", format="png", height=440,
+                                    elem_id="result")
+            download = gr.File(label="Download the painting (lossless PNG)", height=90, elem_id="download")
+    examples = sorted(str(p) for p in EXAMPLES.glob("*.jpg"))
+    if examples:
+        gr.Examples(examples=examples, inputs=photo, label="Example photos", elem_id="examples")
+    return photo, strength, stroke, style, button, slider, download
+
+
 def mount_ui(app: FastAPI, service: PaintingService) -> FastAPI:
+    # the painted clips are served from the jobs' folder (Gradio copies them into its cache)
     return gr.mount_gradio_app(app, build_ui(service), path="/ui", footer_links=["api"], run_history=False,
                                max_file_size=service.settings.max_upload_bytes, ssr_mode=False,
-                               allowed_paths=[str(EXAMPLES)], css=CSS)  # the app serves /favicon.ico itself
+                               allowed_paths=[str(EXAMPLES), str(service.settings.jobs_dir)],
+                               css=CSS)  # the app serves /favicon.ico itself

@@ -78,15 +78,17 @@ def _open(path: str | os.PathLike):
         container = av.open(str(path), "r")
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise VideoError(f"not a readable video ({_reason(exc)})") from None
-    if not container.streams.video:
+    still = container.format.name == "image2" or container.format.name.endswith("_pipe")
+    if still or not container.streams.video:
         container.close()
-        raise VideoError("the file has no video stream")
+        raise VideoError("a still image, not a video" if still else "the file has no video stream")
     return container
 
 
 def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.split(": '")[0][:160]
+    """FFmpeg's reason in a few words ("Invalid data found when processing input")."""
+    text = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].split(": '")[0][:160]
 
 
 def probe(path: str | os.PathLike, rotation: bool = False) -> ClipInfo:
@@ -216,8 +218,8 @@ class FramePainter:
             plan = plan_painting(size[0], size[1], plan.stroke_scale * math.sqrt(w * h / MAX_FRAME_PIXELS))
         self.plan = plan
         self.net = SteadyGenerator(translator._generator, smoothing if mode == "steady" else 0.0).to(translator.device)
-        self.shots = ShotDetector()
-        self.cuts = 0
+        self.detector = ShotDetector()
+        self.shots = 0  # shots begun (the first frame begins one)
         self.steady = mode == "steady"
         self.previous: tuple[np.ndarray, np.ndarray] | None = None  # (the last frame's grey, its painting)
 
@@ -226,8 +228,8 @@ class FramePainter:
         """One uint8 (H, W, 3) frame, the next of the clip; its painting at the frame's size."""
         from model.tiling import _to_input  # noqa: PLC0415
 
-        if self.shots.cut(frame):
-            self.cuts += 1
+        if self.detector.cut(frame):
+            self.shots += 1
             self.net.reset()
             self.previous = None
         small = shrink(frame, self.plan.painted)
@@ -236,7 +238,7 @@ class FramePainter:
             y = self.net(x)[0, :, top : top + small.shape[0], left : left + small.shape[1]].float()
         if not bool(torch.isfinite(y.sum())):
             raise VideoError("the generator's output is not finite for this clip")
-        painting = np.clip(np.rint((y.permute(1, 2, 0) + 1.0) * 127.5).cpu().numpy(), 0, 255).astype(np.uint8)
+        painting = np.clip(np.rint(((y.permute(1, 2, 0) + 1.0) * 127.5).cpu().numpy()), 0, 255).astype(np.uint8)
         painting = enlarge(painting, frame, self.upsampler) if painting.shape[:2] != frame.shape[:2] else painting
         return self._settle(frame, painting) if self.steady else painting
 
@@ -272,8 +274,8 @@ def _box_mean(x: np.ndarray, r: int) -> np.ndarray:
 
 @dataclass
 class ClipResult:
-    frames: int
-    cuts: int
+    frames: int  # frames painted
+    shots: int  # shots found (1 + the cuts)
     info: ClipInfo
 
 
@@ -315,7 +317,7 @@ def _transcode(av, container, tmp, translator, info, result, mode, smoothing, st
         even = info.width % 2 == 0 and info.height % 2 == 0
         vout.pix_fmt = "yuv420p" if even else "yuv444p"  # 4:2:0 needs even sides; the size is kept either way
         vout.time_base = vout.codec_context.time_base = vin.time_base  # the input's timestamps, as they are
-        if info.rotation:
+        if info.rotation and hasattr(vout, "set_display_rotation"):  # PyAV >= 17
             vout.set_display_rotation(info.rotation)
         vout.options = {"crf": "18", "preset": "veryfast"}
         aout, resampler = None, None
@@ -353,7 +355,7 @@ def _transcode(av, container, tmp, translator, info, result, mode, smoothing, st
             if result.frames == 0:
                 raise VideoError(f"damaged video ({_reason(exc)})") from None
             raise VideoError(f"damaged video after frame {result.frames} ({_reason(exc)})") from None
-    result.cuts = painter.cuts
+    result.shots = painter.shots
 
 
 def _audio(out, packet, aout, resampler) -> None:
