@@ -27,9 +27,14 @@ def test_openapi_fuzz_finds_no_server_errors(tmp_path):
     before = server_errors(server.url)  # e.g. the 503s /readyz gave our own readiness polling
     st = shutil.which("st") or shutil.which("schemathesis")
     cmd = [st] if st else [sys.executable, "-m", "schemathesis.cli"]
+    # every warning but one: POST /jobs refuses all the fuzzer's bodies (415), as random bytes are never a video,
+    # and schemathesis warns of a schema "stricter than documented" when one operation answers only 4xx
+    from schemathesis.core.warnings import SchemathesisWarning
+    warnings = ",".join(w.value for w in SchemathesisWarning if w.value != "validation_mismatch")
     try:
         r = subprocess.run([*cmd, "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
-                            "--max-examples", "60", "--seed", "1", "--workers", "2", "--request-timeout", "30"],
+                            "--max-examples", "60", "--seed", "1", "--workers", "2", "--request-timeout", "30",
+                            "--warnings", warnings],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false", "NO_COLOR": "1"})
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
