@@ -93,6 +93,20 @@ def test_the_tools_are_refused_where_they_cannot_work():
         check_config(preset_config("cyclegan", photo_negatives=0.5))
 
 
+def test_the_texture_loss_runs_on_bf16_fakes_under_autocast():
+    """CPU training runs in bf16 autocast: the generator's fakes reach the loss in bf16, and the half-size
+    copy's antialiased resize has no bf16 kernel."""
+    obj = objective(lambda_texture=1.0)
+    photos, paintings = batch(0), batch(50, grey=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fakes = obj.nets.gens.G(photos)
+        assert fakes.dtype == torch.bfloat16
+        loss = obj.texture(fakes, paintings)
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.nets.gens.G.parameters())
+
+
 def test_the_cut_presets_train_resume_and_export_in_two_phases(tmp_path):
     folders = unpaired_folders(tmp_path, photos=8, paintings=6)
     small = ["--ngf", "8", "--n-blocks", "1", "--ndf", "8", "--num-workers", "0", "--num-patches", "16",

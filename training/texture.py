@@ -32,7 +32,8 @@ class TextureLoss(nn.Module):
         """Per stage and scale, each channel's mean and standard deviation of the smoothed features: (N, 2C)."""
         out = []
         for scale in self.scales:
-            y = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False,
+            # the antialiased resize has no bf16 kernel on CPU: under autocast, the fakes arrive in bf16
+            y = x if scale == 1.0 else F.interpolate(x.float(), scale_factor=scale, mode="bilinear", align_corners=False,
                                                       antialias=True)
             for f in self.features(y):
                 c = f.shape[1]
