@@ -216,6 +216,15 @@ class FifoLock:
             self._serving += 1
             self._cond.notify_all()
 
+    def take_turns(self) -> None:
+        """For the holder, between two steps of a long computation: if others are waiting, they go first and
+        the holder takes the lock back after them; otherwise nothing happens."""
+        with self._cond:
+            if self._next - self._serving <= 1:
+                return
+        self.__exit__()
+        self.__enter__()
+
 
 def _contiguous(images):
     return images.contiguous() if isinstance(images, torch.Tensor) else np.ascontiguousarray(images)

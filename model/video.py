@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.networks import ResnetGenerator
 from model.plan import plan_painting
 from model.stroke import enlarge, shrink
 from model.tiling import PaintingStopped
@@ -175,8 +176,16 @@ class SteadyGenerator(nn.Module):
         for n in self.norms:
             n.reset()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, between: Callable[[], None] | None = None) -> torch.Tensor:
+        """The painting of ``x``; ``between()`` is called between the generator's layers (where it is one
+        sequence of layers: the ResNet generator), so others may use the cores mid-frame."""
+        if between is None or not isinstance(self.net, ResnetGenerator):  # its forward is self.model(x)
+            return self.net(x)
+        for i, layer in enumerate(self.net.model):
+            if i:
+                between()
+            x = layer(x)
+        return x
 
 
 class ShotDetector:
@@ -234,8 +243,9 @@ class FramePainter:
             self.previous = None
         small = shrink(frame, self.plan.painted)
         x, top, left = _to_input(small, self.translator.size_multiple, self.translator.device)
-        with self.translator._lock:
-            y = self.net(x)[0, :, top : top + small.shape[0], left : left + small.shape[1]].float()
+        lock = self.translator._lock
+        with lock:  # taking turns between layers: a small request waits about one layer of a frame, not all of it
+            y = self.net(x, between=getattr(lock, "take_turns", None))[0, :, top : top + small.shape[0], left : left + small.shape[1]].float()
         if not bool(torch.isfinite(y.sum())):
             raise VideoError("the generator's output is not finite for this clip")
         painting = np.clip(np.rint(((y.permute(1, 2, 0) + 1.0) * 127.5).cpu().numpy()), 0, 255).astype(np.uint8)

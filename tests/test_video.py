@@ -89,6 +89,47 @@ def test_steady_mode_flickers_clearly_less_than_per_frame_painting(tmp_path):
     assert ratios["pan", "steady"] <= 1.05 * ratios["pan", "per-frame"], ratios
 
 
+def test_a_frame_lets_a_waiting_request_use_the_model_between_its_layers(small):
+    """A frame holds the model for all its layers; a request that asks for the model mid-frame gets it at the
+    next layer boundary, not after the frame (the lock is FIFO: the frame takes it back after the request)."""
+    import threading
+
+    from model.video import FramePainter
+
+    painter = FramePainter(small, (96, 64))
+    lock, events = small._lock, []
+    hooks = [layer.register_forward_hook(lambda *_: events.append("layer")) for layer in painter.net.net.model]
+    frame = np.asarray(photo(96, 64).convert("RGB"))
+
+    def request():
+        with lock:
+            events.append("request")
+
+    def queued(n):  # threads holding a ticket: the one served and those waiting
+        deadline = time.monotonic() + 10
+        while lock._next - lock._serving < n and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    try:
+        with lock:  # the frame, then the request, queue behind the test
+            frame_thread = threading.Thread(target=painter.paint, args=(frame,))
+            frame_thread.start()
+            queued(2)
+            request_thread = threading.Thread(target=request)
+            request_thread.start()
+            queued(3)
+        frame_thread.join(30), request_thread.join(30)
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = len(painter.net.net.model)
+    assert events.count("layer") == layers and events.count("request") == 1
+    assert events.index("request") == 1, events  # right after the frame's first layer
+    # and the painting is the same as without turn-taking
+    alone = FramePainter(small, (96, 64)).paint(frame)
+    assert np.array_equal(alone, FramePainter(small, (96, 64)).paint(frame))
+
+
 def test_damaged_truncated_and_empty_clips_are_refused_in_one_line(small, tmp_path):
     good = write_clip(tmp_path / "good.mp4", pan(96, 64, 6))
     (tmp_path / "junk.mp4").write_bytes(b"this is not a video")
@@ -210,6 +251,9 @@ def test_a_running_job_is_cancelled_and_small_requests_are_answered_meanwhile(se
     clip = write_clip(tmp_path / "long.mp4", pan(320, 192, 120, step=2), fps=24)
     job = httpx.post(server.url + "/jobs", content=clip.read_bytes(), headers={"content-type": "video/mp4"}).json()
     wait_for(server.url, job["id"], states=("running",))
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{server.url}/jobs/{job['id']}").json()["frames_done"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     small = httpx.post(server.url + "/translate", content=encode(photo(256, 256)),
                        headers={"content-type": "image/jpeg"}, timeout=60)
     assert small.status_code == 200
