@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     jobs_max_frame_pixels: int = Field(2_000_000_000, ge=1, description="frames x width x height limit, read from "
                                        "the header (413): 2e9 is about 36 min of 640x360 or 90 s of 1920x1080 at 25 "
                                        "frames/s")
+    jobs_max_photos: int = Field(1000, ge=1, description="a zip of photos sent to POST /jobs holds at most this "
+                                 "many photos (413); each is held to MONET_MAX_UPLOAD_BYTES and MONET_MAX_PIXELS")
     jobs_storage_bytes: int = Field(5 * 1024 ** 3, ge=1, description="the jobs' folder cap: new jobs get 503 "
                                     "while uploads and results hold more")
     jobs_ttl_s: float = Field(3600.0, gt=0, description="a finished job and its result are deleted after this "

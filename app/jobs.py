@@ -1,4 +1,4 @@
-"""Video jobs: a clip takes longer than a request should, so it is painted as an asynchronous job.
+"""Jobs: a clip (or a zip of photos) takes longer than a request should, so it is painted as an asynchronous job.
 
 ``POST /jobs`` streams the upload to the job's folder (its own byte limit and deadline), checks the clip's
 header against the limits (duration, frames x pixels) before a frame is decoded, and answers 202. The jobs run
@@ -8,6 +8,11 @@ frame. A job's state is written to ``job.json`` in its folder (write, then renam
 same way. Finished jobs are deleted ``MONET_JOBS_TTL_S`` after they end, and the folder's total is capped
 (``MONET_JOBS_STORAGE_BYTES``: a new job is refused with 503 while it is full). A restart marks the jobs it
 interrupted as failed, with a message saying so.
+
+A zip of photos is a job too: each photo is read under the photo limits of ``POST /translate``
+(``MONET_MAX_UPLOAD_BYTES``, ``MONET_MAX_PIXELS``; at most ``MONET_JOBS_MAX_PHOTOS`` of them), painted as the
+service paints a photo of its size, and written to a zip of paintings (the default output format); a photo
+that can't be read is skipped and named in the job's ``skipped`` list.
 """
 from __future__ import annotations
 
@@ -17,10 +22,15 @@ import logging
 import shutil
 import time
 import uuid
+import zipfile
+from zlib import error as zlib_error
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from app.errors import Busy, NotReady, TooLarge, UnsupportedMedia
+from app.decoding import finish_decode, open_upload
+from app.encoding import FORMATS, encode
+from app.errors import Busy, NotReady, Refusal, TooLarge, UnsupportedMedia
+from model.plan import plan_painting
 from model.tiling import PaintingStopped
 from model.translator import NonFiniteOutput
 from model.video import VIDEO_EXTENSIONS, ClipInfo, VideoError, paint_clip, probe
@@ -44,6 +54,8 @@ class Job:
     frames_total: int = 0
     error: str | None = None
     clip: dict | None = None
+    kind: str = "video"  # or "photos": a zip of photos
+    skipped: list = field(default_factory=list)  # photos of a zip that could not be painted: "name: why"
 
     def describe(self, base: str = "") -> dict:
         """What GET /jobs/{id} answers: the state, progress, ETA and, when failed, why."""
@@ -53,7 +65,8 @@ class Job:
             eta = round(max(self.frames_total - self.frames_done, 0) / rate, 1)
         out = {"id": self.id, "name": self.name, "state": self.state, "frames_done": self.frames_done,
                "frames_total": self.frames_total, "eta_s": eta, "error": self.error, "created": self.created,
-               "started": self.started, "finished": self.finished, "url": f"{base}/jobs/{self.id}", "clip": self.clip}
+               "started": self.started, "finished": self.finished, "url": f"{base}/jobs/{self.id}", "clip": self.clip,
+               "kind": self.kind, "skipped": self.skipped}
         if self.state == "done":
             out["result_url"] = f"{base}/jobs/{self.id}/result"
         return out
@@ -144,23 +157,29 @@ class Jobs:
         shutil.rmtree(folder, ignore_errors=True)
 
     async def submit(self, job_id: str, folder: Path, upload: Path, name: str) -> Job:
-        """Check the uploaded clip's header (415 not a video, 413 over the limits) and queue it."""
+        """Check the uploaded clip's header (415 not a video, 413 over the limits), or the zip's directory, and
+        queue it."""
         try:
-            info = await asyncio.to_thread(probe, upload)
-            self._check(info)
+            if await asyncio.to_thread(is_zip, upload):
+                photos = await asyncio.to_thread(photo_entries, upload, self.settings)
+                job = Job(job_id, name, frames_total=len(photos), kind="photos")
+                described = f"a zip of {len(photos)} photos"
+            else:
+                info = await asyncio.to_thread(probe, upload)
+                self._check(info)
+                job = Job(job_id, name, frames_total=info.frames, clip=info.as_dict())
+                described = f"{info.width}x{info.height}, {info.frames} frames, {info.duration_s:.1f} s"
         except VideoError as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            raise UnsupportedMedia(f"{exc}; send a video: {FORMATS_NAMED}") from None
+            raise UnsupportedMedia(f"{exc}; send a video: {FORMATS_NAMED}, or a zip of photos") from None
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        job = Job(job_id, name, frames_total=info.frames, clip=info.as_dict())
         self.jobs[job_id] = job
         self._save(job)
         await self.queue.put(job_id)
         self._count()
-        log.info("job %s queued: %s, %dx%d, %d frames, %.1f s", job_id, name, info.width, info.height, info.frames,
-                 info.duration_s)
+        log.info("job %s queued: %s, %s", job_id, name, described)
         return job
 
     def _check(self, info: ClipInfo) -> None:
@@ -178,7 +197,7 @@ class Jobs:
         return self.jobs.get(job_id)
 
     def result(self, job: Job) -> Path | None:
-        path = self.root / job.id / "result.mp4"
+        path = self.root / job.id / result_name(job)
         return path if job.state == "done" and path.is_file() else None
 
     def delete(self, job: Job) -> None:
@@ -209,15 +228,21 @@ class Jobs:
 
             def progress(done: int, total: int) -> None:
                 job.frames_done, job.frames_total = done, total
-                if self.metrics is not None:
+                if self.metrics is not None and job.kind == "video":
                     self.metrics.frames_painted.inc()
 
             try:
-                result = await asyncio.to_thread(
-                    paint_clip, translator, folder / "upload", folder / "result.mp4",
-                    stroke_scale=None, upsampler=self.settings.upsampler, progress=progress,
-                    stop=lambda: job_id in self._cancelled)
-                job.state, job.frames_total = "done", result.frames
+                stop = lambda: job_id in self._cancelled  # noqa: E731
+                if job.kind == "photos":
+                    job.skipped = await asyncio.to_thread(
+                        paint_photos, translator, folder / "upload", folder / result_name(job), self.settings,
+                        progress, stop)
+                else:
+                    result = await asyncio.to_thread(
+                        paint_clip, translator, folder / "upload", folder / result_name(job),
+                        stroke_scale=None, upsampler=self.settings.upsampler, progress=progress, stop=stop)
+                    job.frames_total = result.frames
+                job.state = "done"
                 (folder / "upload").unlink(missing_ok=True)  # the result is what is kept
             except PaintingStopped:
                 self._finish_cancelled(job_id)
@@ -275,11 +300,94 @@ class Jobs:
             self.sweep()
 
 
+def result_name(job: Job) -> str:
+    return "result.zip" if job.kind == "photos" else "result.mp4"
+
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif")
+
+
+def is_zip(path: Path) -> bool:
+    """A zip by its first bytes (a local file header) or its directory at the end (a self-extracting one); a
+    zip cut short still starts with its magic, and is then refused as a damaged zip, not read as a video."""
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            return True
+    return zipfile.is_zipfile(path)
+
+
+def photo_entries(path: Path, settings) -> list[zipfile.ZipInfo]:
+    """The photos in a zip (files with a photo's suffix; folders, hidden files and macOS's ``__MACOSX``
+    copies left out), from its directory alone. Raises VideoError (415) for a damaged zip or one with no
+    photo, TooLarge (413) for too many photos or one over MONET_MAX_UPLOAD_BYTES."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise VideoError(f"not a readable zip ({exc})") from None
+    photos = [e for e in entries if not e.is_dir() and Path(e.filename).suffix.lower() in PHOTO_SUFFIXES
+              and not Path(e.filename).name.startswith(".") and not e.filename.startswith("__MACOSX/")]
+    if not photos:
+        raise VideoError("the zip holds no photo (" + ", ".join(s.lstrip(".") for s in PHOTO_SUFFIXES[:4]) + ", ...)")
+    if len(photos) > settings.jobs_max_photos:
+        raise TooLarge(f"the zip holds {len(photos)} photos; the limit is {settings.jobs_max_photos} "
+                       "(MONET_JOBS_MAX_PHOTOS)")
+    big = next((e for e in photos if e.file_size > settings.max_upload_bytes), None)
+    if big is not None:
+        raise TooLarge(f"{big.filename} is {big.file_size} bytes; a photo's limit is {settings.max_upload_bytes} "
+                       "(MONET_MAX_UPLOAD_BYTES)")
+    return photos
+
+
+def paint_photos(translator, upload: Path, target: Path, settings, progress, stop) -> list[str]:
+    """Paint every photo of the zip ``upload`` into the zip ``target`` (written whole or not at all), each as
+    ``POST /translate`` paints one (decoded upright, colour-managed, capped at MONET_MAX_SIDE; the default
+    stroke scale and tiling). Returns the skipped photos as "name: why"; raises VideoError if none was painted."""
+    photos = photo_entries(upload, settings)
+    fmt = settings.default_format
+    suffix = FORMATS[fmt].extension
+    skipped: list[str] = []
+    used: set[str] = set()
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(upload) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as out:
+            for done, entry in enumerate(photos, 1):
+                if stop():
+                    raise PaintingStopped("the job was cancelled")
+                try:
+                    with src.open(entry) as f:
+                        data = f.read(settings.max_upload_bytes + 1)  # the directory's sizes may lie
+                    if len(data) > settings.max_upload_bytes:
+                        raise TooLarge(f"over {settings.max_upload_bytes} bytes (MONET_MAX_UPLOAD_BYTES)")
+                    image = finish_decode(open_upload(data, settings.max_pixels, settings.max_side),
+                                          settings.max_side)
+                    plan = plan_painting(image.shape[1], image.shape[0], None, settings.tile)
+                    painting = translator.paint_planned(image, plan, settings.upsampler, stop=stop)
+                except (Refusal, zipfile.BadZipFile, zlib_error, OSError, EOFError) as exc:
+                    skipped.append(f"{entry.filename}: {getattr(exc, 'detail', None) or exc}")
+                else:
+                    stem = Path(entry.filename).stem or "photo"
+                    name, n = f"{stem}{suffix}", 1
+                    while name in used:
+                        n += 1
+                        name = f"{stem}-{n}{suffix}"
+                    used.add(name)
+                    out.writestr(name, encode(painting, fmt))
+                progress(done, len(photos))
+            if not used:
+                raise VideoError("no photo in the zip could be painted: " + "; ".join(skipped[:3]))
+
+    atomic_write(target, write)
+    return skipped
+
+
 def suffix_for(name: str | None, content_type: str) -> str:
     """A file suffix for an upload (its name's, or one from its content type), for the job's record."""
     suffix = Path(name or "").suffix.lower()
-    if suffix in VIDEO_EXTENSIONS:
+    if suffix in VIDEO_EXTENSIONS or suffix == ".zip":
         return suffix
+    if content_type in ("application/zip", "application/x-zip-compressed"):
+        return ".zip"
     return {"video/mp4": ".mp4", "video/quicktime": ".mov", "video/webm": ".webm",
             "video/x-matroska": ".mkv", "video/x-msvideo": ".avi"}.get(content_type, ".mp4")
 

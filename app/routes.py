@@ -90,7 +90,8 @@ VIDEO_BODY = {
             "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                                "properties": {"file": {"type": "string", "format": "binary"}}}},
             **{media: {"schema": {"type": "string", "format": "binary"}} for media in ("video/mp4",
-                                                                                      "video/quicktime")},
+                                                                                      "video/quicktime",
+                                                                                      "application/zip")},
         },
     }
 }
@@ -99,8 +100,9 @@ JOB_ERRORS = {code: ERRORS[code] for code in (400, 404, 408, 409, 413, 415, 422,
 
 @router.post("/jobs", status_code=202, openapi_extra=VIDEO_BODY, responses=JOB_ERRORS)
 async def submit_job(request: Request) -> JSONResponse:
-    """Paint a video clip as an asynchronous job (multipart field `file`, or a raw video/* body): 202 with the
-    job's id and URL; poll `GET /jobs/{id}`, download `GET /jobs/{id}/result`."""
+    """Paint a video clip, or a zip of photos, as an asynchronous job (multipart field `file`, or a raw video/*
+    or application/zip body): 202 with the job's id and URL; poll `GET /jobs/{id}`, download
+    `GET /jobs/{id}/result`."""
     jobs = service_of(request).jobs
     declared = request.headers.get("content-length", "")
     jobs.admit(int(declared) if declared.isdigit() else None)
@@ -132,16 +134,19 @@ async def job_status(request: Request, job_id: str) -> dict:
 
 
 @router.get("/jobs/{job_id}/result", response_class=FileResponse,
-            responses={200: {"content": {"video/mp4": {}}, "description": "the painted clip"},
+            responses={200: {"content": {"video/mp4": {}, "application/zip": {}},
+                             "description": "the painted clip, or the zip of paintings"},
                        404: ERRORS[404], 409: ERRORS[409]})
 async def job_result(request: Request, job_id: str) -> FileResponse:
-    """The painted clip (H.264 in MP4), once the job is done."""
+    """The painted clip (H.264 in MP4), or a zip of the paintings, once the job is done."""
     job = job_of(request, job_id)
     path = service_of(request).jobs.result(job)
     if path is None:
         raise NotFinished(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else "")
                           + "; the result is there once it is done")
     stem = Path(job.name).stem or "clip"
+    if job.kind == "photos":
+        return FileResponse(path, media_type="application/zip", filename=f"{stem}-monet.zip")
     return FileResponse(path, media_type="video/mp4", filename=f"{stem}-monet.mp4")
 
 

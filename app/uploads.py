@@ -117,17 +117,21 @@ async def image_bytes(request: Request, limit: int, timeout_s: float | None = No
         await form.close()
 
 
+ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
+
+
 async def save_video(request: Request, target, limit: int, timeout_s: float) -> str | None:
-    """Stream an uploaded clip to the file ``target`` (a multipart field `file`, or a raw video/* or
-    application/octet-stream body), never holding more than a chunk in memory; the upload's file name (or
+    """Stream an uploaded clip (or zip of photos) to the file ``target`` (a multipart field `file`, or a raw
+    video/*, application/zip or application/octet-stream body), never holding more than a chunk in memory; the upload's file name (or
     None). Raises TooLarge past ``limit`` bytes, UploadTooSlow after ``timeout_s``, UnsupportedMedia for
     another content type, BadRequest or MalformedBody for a multipart body without one `file`, ClientClosed
     when the client leaves mid-body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    raw = content_type.startswith("video/") or content_type == "application/octet-stream"
+    raw = content_type.startswith("video/") or content_type in ZIP_TYPES + ("application/octet-stream",)
     if not raw and content_type != "multipart/form-data":
         raise UnsupportedMedia(f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
-                               "with a file field named 'file', or the raw clip with a video/* content type")
+                               "with a file field named 'file', or the raw clip with a video/* content type (a "
+                               "zip of photos: application/zip)")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"the body is {declared} bytes; the limit is {limit} (MONET_JOBS_MAX_UPLOAD_BYTES)")

@@ -220,6 +220,65 @@ def test_job_lifecycle_submit_poll_download_delete(server, tmp_path):
                                                                                               "done"]
 
 
+def zip_of(path: Path, entries: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_a_zip_of_photos_is_painted_as_a_job_and_bad_photos_are_skipped_by_name(server, tmp_path):
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    rotated = io.BytesIO()  # stored 80x60, shown 60x80 (EXIF orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo(80, 60, seed=3).save(rotated, "JPEG", exif=exif)
+    upload = zip_of(tmp_path / "holiday.zip", {
+        "a/beach.jpg": encode(photo(96, 64)), "b/beach.jpg": encode(photo(64, 96, seed=1)),
+        "phone.jpg": rotated.getvalue(), "broken.png": b"\x89PNG\r\n\x1a\n not really",
+        "notes.txt": b"not a photo", "__MACOSX/a/._beach.jpg": b"resource fork", "empty/": b""})
+    r = httpx.post(server.url + "/jobs", files={"file": ("holiday.zip", upload.read_bytes(), "application/zip")})
+    assert r.status_code == 202, r.text
+    assert r.json()["kind"] == "photos" and r.json()["frames_total"] == 4
+    done = wait_for(server.url, r.json()["id"])
+    assert done["state"] == "done" and done["frames_done"] == 4
+    assert len(done["skipped"]) == 1 and done["skipped"][0].startswith("broken.png: ")
+    got = httpx.get(server.url + done["result_url"])
+    assert got.status_code == 200 and got.headers["content-type"] == "application/zip"
+    assert 'filename="holiday-monet.zip"' in got.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(got.content)) as z:
+        sizes = {name: Image.open(io.BytesIO(z.read(name))).size for name in z.namelist()}
+    assert sizes == {"beach.png": (96, 64), "beach-2.png": (64, 96), "phone.png": (60, 80)}
+    assert "monet_video_frames_painted_total 0.0" in httpx.get(server.url + "/metrics").text
+    # a zip with no photo, or a damaged one: 415; nothing left behind
+    for bad in ({"notes.txt": b"hello"}, None):
+        body = zip_of(tmp_path / "bad.zip", bad).read_bytes() if bad else upload.read_bytes()[:-60]
+        r = httpx.post(server.url + "/jobs", content=body, headers={"content-type": "application/zip"})
+        assert r.status_code == 415 and "zip" in r.json()["detail"], r.text
+    assert len([p for p in (tmp_path / "jobs").iterdir()]) == 1
+
+
+def test_a_zip_over_the_photo_limits_is_refused_from_its_directory(weights, tmp_path):
+    srv = Server(weights, ui="false", jobs_dir=str(tmp_path / "jobs"), jobs_max_photos=2,
+                 max_upload_bytes=50_000).wait_ready()
+    try:
+        three = zip_of(tmp_path / "three.zip", {f"{i}.jpg": encode(photo(32, 32, seed=i)) for i in range(3)})
+        r = httpx.post(srv.url + "/jobs", content=three.read_bytes(), headers={"content-type": "application/zip"})
+        assert r.status_code == 413 and "MONET_JOBS_MAX_PHOTOS" in r.json()["detail"]
+        big = zip_of(tmp_path / "big.zip", {"big.png": bytes(60_000)})
+        r = httpx.post(srv.url + "/jobs", content=big.read_bytes(), headers={"content-type": "application/zip"})
+        assert r.status_code == 413 and "MONET_MAX_UPLOAD_BYTES" in r.json()["detail"]
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+    finally:
+        srv.stop()
+
+
 def test_jobs_refuse_bad_input_with_the_right_status(server, tmp_path):
     url = server.url + "/jobs"
     r = httpx.post(url, content=b"not a video at all", headers={"content-type": "video/mp4"})
