@@ -25,7 +25,7 @@ def server(tmp_path_factory):
     assert CHROMIUM, "CI installs Debian's chromium (.ci/run)"
     weights = tmp_path_factory.mktemp("w") / "g.safetensors"
     save_generator(weights, small_generator())
-    srv = Server(weights).wait_ready()
+    srv = Server(weights, jobs_dir=str(weights.parent / "jobs")).wait_ready()
     yield srv
     srv.stop()
 
@@ -74,6 +74,29 @@ def test_upload_and_paint_in_the_browser(server, browser, tmp_path):
     page.screenshot(path=str(shot), full_page=True)
     with Image.open(shot) as img:
         assert img.size[0] >= 1400
+    assert watch.external == [], f"the UI reached outside the server: {watch.external[:5]}"
+    assert watch.failed == [], watch.failed
+
+
+def test_the_video_tab_paints_a_clip_and_plays_it(server, browser, tmp_path):
+    pytest.importorskip("av")
+    from tests.clips import pan, write_clip
+
+    clip = write_clip(tmp_path / "walk.mp4", pan(128, 96, 8), fps=8)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    watch = Watch(page, server.url)
+    page.goto(server.url + "/", wait_until="networkidle")
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#clip input[type=file]").set_input_files(str(clip))
+    page.locator("#clip video").first.wait_for(timeout=60_000)  # the upload plays in its own player
+    page.locator("#paint-clip").click()
+    painted = page.locator("#painted-clip video").first
+    painted.wait_for(timeout=120_000)
+    page.wait_for_function("() => { const v = document.querySelector('#painted-clip video'); "
+                           "return v && v.readyState >= 2 && v.videoWidth === 128 && v.videoHeight === 96; }",
+                           timeout=60_000)
+    page.locator("#clip-download a").first.wait_for(timeout=60_000)
+    page.screenshot(path=str(artifacts_dir() / "ui-video.png"), full_page=True)
     assert watch.external == [], f"the UI reached outside the server: {watch.external[:5]}"
     assert watch.failed == [], watch.failed
 
