@@ -107,6 +107,19 @@ def test_the_texture_loss_runs_on_bf16_fakes_under_autocast():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.nets.gens.G.parameters())
 
 
+def test_patchnce_can_leave_the_pixel_layer_out():
+    """--nce-pixels false (DCLGAN's choice): PatchNCE compares the four feature layers only, so the RGB input
+    layer's MLP is gone, and the loss still trains the generator."""
+    paper, loose = objective(), objective(nce_pixels=False)
+    g_paper, g_loose = paper.nets.gens, loose.nets.gens
+    assert g_loose.layers == g_paper.layers[1:] and g_paper.layers[0] == 0
+    assert len(g_loose.H.mlps) == len(g_paper.H.mlps) - 1
+    out = g_loose(batch(0), batch(50, grey=True))
+    out["nce"].backward()
+    first = g_loose.G.model[1]  # the first convolution: its gradient comes from the feature layers
+    assert torch.isfinite(out["nce"]) and first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+
+
 def test_the_cut_presets_train_resume_and_export_in_two_phases(tmp_path):
     folders = unpaired_folders(tmp_path, photos=8, paintings=6)
     small = ["--ngf", "8", "--n-blocks", "1", "--ndf", "8", "--num-workers", "0", "--num-patches", "16",

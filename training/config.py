@@ -63,6 +63,8 @@ class TrainConfig:
     lambda_nce: float = opt(0.0, "PatchNCE weight (0: the paper's, 1 for cut, 10 for fastcut)")
     num_patches: int = opt(256, "patches per layer in PatchNCE")
     nce_t: float = opt(0.07, "PatchNCE temperature")
+    nce_pixels: bool = opt(True, "PatchNCE compares the RGB input layer too (true, the paper's five layers) or only "
+                           "the four feature layers (false, as DCLGAN: a looser tie to the photo's pixels)")
     # recipe tools (off in the faithful presets)
     diffaugment: str = opt("", "DiffAugment policy on everything D sees, real and fake, in D and G steps: any of "
                            "color,translation,cutout (empty: off)")

@@ -21,11 +21,12 @@ from training.config import ConfigError, TrainConfig, generator_settings
 from training.parts import GANLoss, Networks, sample_grid
 
 
-def nce_layers(generator: ResnetGenerator) -> list[int]:
-    """Indices into ``generator.model`` whose outputs PatchNCE compares (the paper's five layers)."""
+def nce_layers(generator: ResnetGenerator, pixels: bool = True) -> list[int]:
+    """Indices into ``generator.model`` whose outputs PatchNCE compares: the paper's five layers, or without
+    the first (the padded RGB input) when not ``pixels``."""
     n_blocks = generator.settings["n_blocks"]
     first_block = 10  # pad, conv, norm, relu, (conv, norm, relu) x 2 downsamplings
-    return [0, 4, 7, first_block, first_block + min(4, n_blocks - 1)]
+    return [0, 4, 7, first_block, first_block + min(4, n_blocks - 1)][0 if pixels else 1 :]
 
 
 class PatchSampleF(nn.Module):
@@ -78,7 +79,7 @@ class CUTGenerator(nn.Module):
         if cfg.generator != "resnet":
             raise ValueError("CUT and FastCUT take their features from the ResNet generator; use --generator resnet")
         self.G = init_weights(build_generator("resnet", **generator_settings(cfg)))
-        self.layers = nce_layers(self.G)
+        self.layers = nce_layers(self.G, cfg.nce_pixels)
         with torch.no_grad():
             channels = [f.shape[1] for f in self.encode(torch.zeros(1, 3, 32, 32))]
         self.H = PatchSampleF(channels)
