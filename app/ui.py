@@ -149,7 +149,7 @@ def build_ui(service: PaintingService) -> gr.Blocks:
                    delete_cache=(max(1, ttl // 2), ttl)) as demo:
         gr.Markdown("## Paint your photo like Claude Monet\nUpload, paste or take a photo; drag the slider to compare.")
         with gr.Tab("Photo", elem_id="photo-tab"):
-            photo, strength, stroke, style, button, slider, download = _photo_tab()
+            photo, strength, stroke, style, button, slider, download, examples = _photo_tab()
         with gr.Tab("Video", elem_id="video-tab"):
             gr.Markdown("A clip is painted frame by frame with steady colours (no shimmer), its sound kept. It runs "
                         "as a job: the progress shows here, and the painted clip plays below when it is done.")
@@ -166,6 +166,10 @@ def build_ui(service: PaintingService) -> gr.Blocks:
         demo.load(refresh_styles, outputs=style, api_name=False, queue=False)
         button.click(paint, inputs=[photo, strength, stroke, style], outputs=[slider, download],
                      api_name="translate", preprocess=False, concurrency_limit=service.settings.max_batch_size)
+        if examples is not None:  # a click on an example paints it, as "Paint it" would
+            examples.load_input_event.then(paint, inputs=[photo, strength, stroke, style], outputs=[slider, download],
+                                           api_visibility="undocumented", preprocess=False,
+                                           concurrency_limit=service.settings.max_batch_size)
     return demo
 
 
@@ -187,10 +191,10 @@ def _photo_tab():
             slider = gr.ImageSlider(label="Photo | Monet", type="filepath", format="png", height=440,
                                     elem_id="result")
             download = gr.File(label="Download the painting (lossless PNG)", height=90, elem_id="download")
-    examples = sorted(str(p) for p in EXAMPLES.glob("*.jpg"))
-    if examples:
-        gr.Examples(examples=examples, inputs=photo, label="Example photos", elem_id="examples")
-    return photo, strength, stroke, style, button, slider, download
+    files = sorted(str(p) for p in EXAMPLES.glob("*.jpg"))
+    examples = gr.Examples(examples=files, inputs=photo, label="Example photos (a click paints one)",
+                           elem_id="examples") if files else None
+    return photo, strength, stroke, style, button, slider, download, examples
 
 
 def mount_ui(app: FastAPI, service: PaintingService) -> FastAPI:

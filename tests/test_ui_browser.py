@@ -101,7 +101,7 @@ def test_the_video_tab_paints_a_clip_and_plays_it(server, browser, tmp_path):
     assert watch.failed == [], watch.failed
 
 
-def test_example_photo_loads_and_paints(server, browser):
+def test_a_click_on_an_example_photo_paints_it(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     watch = Watch(page, server.url)
     page.goto(server.url + "/ui/", wait_until="networkidle")
@@ -110,8 +110,8 @@ def test_example_photo_loads_and_paints(server, browser):
     shown.wait_for(state="visible", timeout=30_000)
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=shown.element_handle(),
                            timeout=30_000)
-    page.locator("#paint").click()
-    page.locator("#download a").first.wait_for(timeout=60_000)
+    page.locator("#download a").first.wait_for(timeout=60_000)  # painted without "Paint it"
+    page.locator("#result img").first.wait_for(state="visible", timeout=30_000)
     assert watch.failed == [], watch.failed
     assert watch.external == [], watch.external
 
