@@ -193,9 +193,11 @@ TRUNCATED_JPEG = ("the JPEG's data ends before its declared image does (prematur
                   "truncated, or its header damaged or forged")
 
 
-def finish_decode(opened: Opened, max_side: int) -> np.ndarray:
+def finish_decode(opened: Opened, max_side: int, keep_alpha: bool = False) -> np.ndarray:
     """Decode an opened upload into an upright RGB uint8 array (H, W, 3), its longer side at most
-    ``max_side``. Raises BadImage for damaged or truncated data, a JPEG whose data ends early included."""
+    ``max_side`` (``keep_alpha``: (H, W, 4) for an image with transparency, its colours composited over white
+    and its alpha beside them). Raises BadImage for damaged or truncated data, a JPEG whose data ends early
+    included."""
     if plain_jpeg(opened, max_side):
         try:
             pixels = decode_plain_jpeg(opened.jpeg)
@@ -209,7 +211,7 @@ def finish_decode(opened: Opened, max_side: int) -> np.ndarray:
         opened.image.close()
         raise BadImage(TRUNCATED_JPEG)
     try:
-        return np.asarray(prepare(opened.image, max_side), dtype=np.uint8)
+        return np.asarray(prepare(opened.image, max_side, keep_alpha), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "damaged"
         raise BadImage(f"the image data is {reason} and cannot be decoded") from None
@@ -275,15 +277,15 @@ class Decoder:
         """``open_upload`` under the service's limits (microseconds: the header only)."""
         return open_upload(data, self.max_pixels, self.max_side)
 
-    async def decode(self, opened: Opened, timeout_s: float) -> np.ndarray:
-        """The upright RGB pixels of ``opened``, at most ``max_side``. Raises BadImage, or Busy when the budget
-        stays taken past ``timeout_s``."""
+    async def decode(self, opened: Opened, timeout_s: float, keep_alpha: bool = False) -> np.ndarray:
+        """The upright RGB pixels of ``opened``, at most ``max_side`` (``keep_alpha``: as ``finish_decode``).
+        Raises BadImage, or Busy when the budget stays taken past ``timeout_s``."""
         try:
             async with self.budget.hold(opened.cost, timeout_s):
                 self.decoded()
                 if opened.cost <= SMALL_COST:
-                    return await self.small_thread(finish_decode, opened, self.max_side)
-                return await run_in_threadpool(finish_decode, opened, self.max_side)
+                    return await self.small_thread(finish_decode, opened, self.max_side, keep_alpha)
+                return await run_in_threadpool(finish_decode, opened, self.max_side, keep_alpha)
         except asyncio.TimeoutError:
             opened.image.close()
             raise Busy("the server is busy decoding other large images; retry shortly") from None

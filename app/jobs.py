@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from app.decoding import finish_decode, open_upload
-from app.encoding import FORMATS, encode
+from app.encoding import ALPHA_FORMATS, FORMATS, encode_blend
 from app.errors import Busy, NotReady, Refusal, TooLarge, UnsupportedMedia
+from model.images import split_alpha
 from model.plan import plan_painting
 from model.tiling import PaintingStopped
 from model.translator import NonFiniteOutput
@@ -359,8 +360,9 @@ def paint_photos(translator, upload: Path, target: Path, settings, progress, sto
                         data = f.read(settings.max_upload_bytes + 1)  # the directory's sizes may lie
                     if len(data) > settings.max_upload_bytes:
                         raise TooLarge(f"over {settings.max_upload_bytes} bytes (MONET_MAX_UPLOAD_BYTES)")
-                    image = finish_decode(open_upload(data, settings.max_pixels, settings.max_side),
-                                          settings.max_side)
+                    image, alpha = split_alpha(finish_decode(
+                        open_upload(data, settings.max_pixels, settings.max_side), settings.max_side,
+                        fmt in ALPHA_FORMATS))
                     plan = plan_painting(image.shape[1], image.shape[0], None, settings.tile)
                     painting = translator.paint_planned(image, plan, settings.upsampler, stop=stop)
                 except (Refusal, zipfile.BadZipFile, zlib_error, OSError, EOFError) as exc:
@@ -372,7 +374,7 @@ def paint_photos(translator, upload: Path, target: Path, settings, progress, sto
                         n += 1
                         name = f"{stem}-{n}{suffix}"
                     used.add(name)
-                    out.writestr(name, encode(painting, fmt))
+                    out.writestr(name, encode_blend(image, painting, 1.0, fmt, alpha))
                 progress(done, len(photos))
             if not used:
                 raise VideoError("no photo in the zip could be painted: " + "; ".join(skipped[:3]))

@@ -19,11 +19,11 @@ from app.batcher import Batcher, IdleRelease, Large, Timing
 from app.catalogue import Catalogue
 from app.config import Settings
 from app.decoding import SMALL_PIXELS, DecodeBudget, Decoder, Opened
-from app.encoding import FAST_PNG, FORMATS, encode_blend
+from app.encoding import ALPHA_FORMATS, FAST_PNG, FORMATS, encode_blend
 from app.errors import Busy, ClientClosed, NotReady
 from app.jobs import Jobs
 from app.observability import Metrics
-from model.images import fitted_size
+from model.images import fitted_size, split_alpha
 from model.plan import plan_painting
 from model.runtime import cpu_cores, resolve_device
 from model.translator import FifoLock, Translator
@@ -228,16 +228,16 @@ class PaintingService:
         # batched or not does not depend on the EXIF rotation, which the decode applies
         if not plan_painting(*opened.image.size, stroke_scale, s.tile, s.max_side).batched:
             return await self._paint_large(opened, stroke_scale, slot, fmt, gone, strength, started, translator)
-        image = await self.decoder.decode(opened, s.request_timeout_s)
+        image, alpha = split_alpha(await self.decoder.decode(opened, s.request_timeout_s, fmt in ALPHA_FORMATS))
         decoded = time.perf_counter()
         result, timing = await slot.submit(image, s.request_timeout_s, gone, translator=translator)
         if gone is not None and await gone():  # left during compute: skip the encode nobody would read
             raise ClientClosed("the client closed the connection before its painting was ready")
         computed = time.perf_counter()
         if image.size <= SMALL_PIXELS * 3 and (fmt == "jpeg" or (fmt == "png" and FAST_PNG)):
-            body = await self._on_codec_thread(encode_blend, image, result, strength, fmt)
+            body = await self._on_codec_thread(encode_blend, image, result, strength, fmt, alpha)
         else:
-            body = await run_in_threadpool(encode_blend, image, result, strength, fmt)
+            body = await run_in_threadpool(encode_blend, image, result, strength, fmt, alpha)
         return Painting(body, FORMATS[fmt].media_type, timing, image, (decoded - started) * 1000,
                         (time.perf_counter() - computed) * 1000)
 
@@ -253,7 +253,8 @@ class PaintingService:
             # a large painting keeps the model's memory in use from its decode to its answer (IdleRelease)
             async with self.large_budget.hold(cost, s.request_timeout_s):
                 with self.idle_release.working():
-                    image = await self.decoder.decode(opened, s.request_timeout_s)
+                    image, alpha = split_alpha(await self.decoder.decode(opened, s.request_timeout_s,
+                                                                         fmt in ALPHA_FORMATS))
                     decoded = time.perf_counter()
                     plan = plan_painting(image.shape[1], image.shape[0], stroke_scale, s.tile)  # upright, as decoded
                     result, timing = await slot.submit(image, s.request_timeout_s, gone, Large(plan, s.upsampler),
@@ -261,7 +262,7 @@ class PaintingService:
                     if gone is not None and await gone():
                         raise ClientClosed("the client closed the connection before its painting was ready")
                     computed = time.perf_counter()
-                    body = await run_in_threadpool(encode_blend, image, result, strength, fmt)
+                    body = await run_in_threadpool(encode_blend, image, result, strength, fmt, alpha)
         except asyncio.TimeoutError:
             opened.image.close()
             raise Busy("the server is busy with other large images; retry shortly") from None

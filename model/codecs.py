@@ -33,6 +33,7 @@ FORMATS = {
     "webp": OutputFormat("WEBP", "image/webp", ".webp", {"quality": 90}),
 }
 JPEG_QUALITY = FORMATS["jpeg"].options["quality"]
+ALPHA_FORMATS = ("png", "webp")  # the formats whose paintings keep a transparent upload's alpha channel
 
 
 # EXIF orientation -> the same transposition as PIL's ImageOps.exif_transpose, on a (3, H, W) tensor

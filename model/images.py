@@ -24,11 +24,18 @@ IMAGE_EXTENSIONS = {ext for extensions in INPUT_FORMATS.values() for ext in exte
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def has_alpha(image: Image.Image) -> bool:
+    """Whether ``image`` has transparency (an alpha channel, or a palette or grey transparency colour)."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa") or (image.mode in ("P", "L", "RGB")
+                                                          and "transparency" in image.info)
+
+
+def to_rgb(image: Image.Image, keep_alpha: bool = False) -> Image.Image:
     """Return ``image`` upright (EXIF orientation applied) as 8-bit RGB.
 
     Handles 1, L, LA, P (with or without transparency), RGBA, CMYK, YCbCr and 16-bit / 32-bit
-    grey modes. Transparent pixels are composited over white.
+    grey modes. Transparent pixels are composited over white. With ``keep_alpha``, an image with
+    transparency comes back as RGBA instead: the same composited colours, and its alpha channel.
     """
     try:
         image = ImageOps.exif_transpose(image)
@@ -47,10 +54,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
             arr = arr / 257.0
         grey = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
         return grey.convert("RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info) or mode == "RGBa":
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        flat = Image.alpha_composite(white, rgba)
+        if keep_alpha:
+            flat.putalpha(rgba.getchannel("A"))
+            return flat
+        return flat.convert("RGB")
     if mode != "RGB":
         return image.convert("RGB")
     return image
@@ -108,12 +119,34 @@ def draft_for(image: Image.Image, max_side: int | None) -> None:
             image.draft(None, target)
 
 
-def prepare(image: Image.Image, max_side: int | None) -> Image.Image:
+def prepare(image: Image.Image, max_side: int | None, keep_alpha: bool = False) -> Image.Image:
     """An opened image as upright RGB with its longer side at most ``max_side``, using as little memory
     as it can: a JPEG decodes at reduced scale, and RGB/RGBA/grey images shrink before any conversion
-    (so a 40-megapixel RGBA PNG never exists in more than one full-size copy)."""
+    (so a 40-megapixel RGBA PNG never exists in more than one full-size copy). ``keep_alpha``: as
+    ``to_rgb``."""
     draft_for(image, max_side)
     if image.mode in _RESIZABLE:
         image = fit_max_side(image, max_side)
-        return to_rgb(image)
-    return fit_max_side(to_rgb(image), max_side)
+        return to_rgb(image, keep_alpha)
+    return fit_max_side(to_rgb(image, keep_alpha), max_side)
+
+
+def split_alpha(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(H, W, 3 or 4) pixels as (the RGB, the alpha or None); an alpha that is opaque everywhere is None."""
+    if pixels.shape[2] == 3:
+        return pixels, None
+    alpha = pixels[..., 3]
+    return np.ascontiguousarray(pixels[..., :3]), (None if bool((alpha == 255).all()) else np.ascontiguousarray(alpha))
+
+
+def alpha_channel(image: Image.Image, size: tuple[int, int]) -> Image.Image | None:
+    """The upright alpha channel of ``image`` (EXIF orientation applied) at ``size``, or None when it has no
+    transparency: for a painting of a transparent image, which keeps its alpha (PNG and WebP)."""
+    if not has_alpha(image):
+        return None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:
+        pass
+    alpha = image.convert("RGBA").getchannel("A")
+    return alpha if alpha.size == size else alpha.resize(size, Image.Resampling.LANCZOS)

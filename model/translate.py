@@ -16,9 +16,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from model.codecs import FORMATS, paint_jpegs
+from model.codecs import ALPHA_FORMATS, FORMATS, paint_jpegs
 from model.backends import BACKENDS
-from model.images import IMAGE_EXTENSIONS
+from model.images import IMAGE_EXTENSIONS, alpha_channel
 from model.plan import plan_painting
 from model.stroke import STROKE_SCALES, UPSAMPLERS
 from model.translator import NonFiniteOutput, Translator
@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             except NonFiniteOutput as exc:  # nothing half-written: files so far are complete, the rest untouched
                 print(f"error: {args.weights}: {exc}", file=sys.stderr)
                 return 2
-            for rel, painting in zip(chunk, paintings):
+            for rel, image, painting in zip(chunk, images, paintings):
+                if args.format in ALPHA_FORMATS and (alpha := alpha_channel(image, painting.size)) is not None:
+                    painting = painting.copy()
+                    painting.putalpha(alpha)  # a transparent photo's painting keeps its transparency
                 target = args.out / rel.with_suffix(ext)
                 atomic_write(target, lambda tmp: painting.save(tmp, pil_format, **save_kw))
                 written.append((target, rel.with_suffix(ext).as_posix()))
