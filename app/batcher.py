@@ -8,12 +8,19 @@ hands the batch to the translator in a worker thread (the translator groups same
 passes), so the event loop keeps accepting requests meanwhile. Results go back to their own requests. A slot
 is freed when the worker takes its job.
 
+Admission also counts time: once the image's size is known from its header, ``Slot.expect`` adds its
+megapixels to the work waiting in its lane (batches, or large paintings) and refuses it at once, with a
+``Retry-After`` from the estimate, when that work at the measured seconds per megapixel (``WorkRate``, kept
+up to date from every batch and large painting) would not be done by the request's deadline: a request the
+server admits is one it expects to answer, not a 504 thirty seconds later.
+
 A batch never mixes styles (nor two versions of one). The styles with waiting requests take turns, one batch
 each (``FairQueue``), so one style's heavy traffic delays another style's request by at most one batch.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict, deque
 from contextlib import contextmanager
@@ -32,6 +39,27 @@ IDLE_TRIM_S = 1.0  # after this long with no request in the service, freed memor
 
 class QueueFull(Busy):
     """``queue_size`` requests are admitted and waiting already; try again shortly."""
+
+
+class WaitTooLong(Busy):
+    """The work already waiting would keep this request past its deadline; try again after ``retry_after``."""
+
+
+ADMIT_SHARE = 0.8  # admitted while the expected wait is under this share of the deadline (the estimate's margin)
+
+
+class WorkRate:
+    """Seconds of painting per megapixel, an exponential moving average over the batches (or large paintings)
+    measured so far; None until the first."""
+
+    def __init__(self, smoothing: float = 0.7):
+        self.smoothing, self.s_per_mp = smoothing, None
+
+    def observe(self, seconds: float, megapixels: float) -> None:
+        if megapixels <= 0 or seconds <= 0:
+            return
+        rate = seconds / megapixels
+        self.s_per_mp = rate if self.s_per_mp is None else self.smoothing * self.s_per_mp + (1 - self.smoothing) * rate
 
 
 class ClientGone(ClientClosed):
@@ -179,15 +207,49 @@ class FairQueue:
 
 
 class Slot:
-    """One admitted request's place: held from admission until the worker takes its job (or it leaves)."""
+    """One admitted request's place: held from admission until the worker takes its job (or it leaves); and
+    the work it expects (``expect``), counted in its lane until its painting starts."""
 
     def __init__(self, batcher: "Batcher"):
         self.batcher, self.held = batcher, True
+        self.lane: str | None = None
+        self.megapixels = 0.0
+
+    def expect(self, pixels: int, large: bool, deadline_s: float) -> None:
+        """Count this request's ``pixels`` in its lane's waiting work, or raise WaitTooLong (503, Retry-After)
+        when that work at the measured rate would not be painted within ``ADMIT_SHARE`` of ``deadline_s``."""
+        b = self.batcher
+        lane = "large" if large else "batch"
+        mp = pixels / 1e6
+        rate = b.rates[lane].s_per_mp
+        if rate is not None:
+            expected = (b.waiting_mp[lane] + mp) * rate
+            budget = deadline_s * ADMIT_SHARE
+            if expected > budget and b.waiting_mp[lane] > 0:  # a lone request is always tried
+                if b.metrics is not None:
+                    b.metrics.refused_by_wait.labels(lane).inc()
+                raise WaitTooLong(f"the server is busy: the work ahead of this {'large ' if large else ''}image "
+                                  f"would take about {expected:.0f} s, past its {deadline_s:g} s deadline; "
+                                  "retry shortly", retry_after=max(1, math.ceil(expected - budget)))
+        self.lane, self.megapixels = lane, mp
+        b.waiting_mp[lane] += mp
+
+    def started(self) -> None:
+        """Its painting started: its work no longer waits."""
+        if self.lane is not None:
+            self.batcher.waiting_mp[self.lane] = max(0.0, self.batcher.waiting_mp[self.lane] - self.megapixels)
+            self.lane = None
 
     def release(self) -> None:
         if self.held:
             self.held = False
             self.batcher.admitted -= 1
+        if self.lane == "batch":  # taken for a batch (or gone): large paintings count until they start
+            self.started()
+
+    def close(self) -> None:
+        self.release()
+        self.started()
 
     async def submit(self, image: np.ndarray, timeout_s: float,
                      gone: Callable[[], Awaitable[bool]] | None = None,
@@ -224,6 +286,8 @@ class Batcher:
         self.translator, self.max_batch, self.max_wait_s = translator, max_batch, max_wait_s
         self.translators = translators or (lambda: [translator] if translator is not None else [])
         self.queue_size, self.admitted = queue_size, 0
+        self.rates = {"batch": WorkRate(), "large": WorkRate()}  # measured seconds per megapixel, per lane
+        self.waiting_mp = {"batch": 0.0, "large": 0.0}  # admitted work whose painting has not started
         self.queue = FairQueue()  # bounded by admission
         self.metrics = metrics
         self._worker: asyncio.Task | None = None
@@ -267,7 +331,7 @@ class Batcher:
         try:
             yield slot
         finally:
-            slot.release()
+            slot.close()
 
     async def submit(self, image: np.ndarray, timeout_s: float,
                      gone: Callable[[], Awaitable[bool]] | None = None,
@@ -351,7 +415,16 @@ class Batcher:
                 out: list | Exception = await computing
             except Exception as exc:  # keep serving: this batch fails, the next one runs
                 out = exc
-            finished.append((jobs, out, started, (time.perf_counter() - started) * 1000))
+            seconds = time.perf_counter() - started
+            if not isinstance(out, Exception):
+                self._observe("batch", seconds, sum(j.image.shape[0] * j.image.shape[1] for j in jobs))
+            finished.append((jobs, out, started, seconds * 1000))
+
+    def _observe(self, lane: str, seconds: float, pixels: int) -> None:
+        rate = self.rates[lane]
+        rate.observe(seconds, pixels / 1e6)
+        if self.metrics is not None and rate.s_per_mp is not None:
+            self.metrics.seconds_per_megapixel.labels(lane).set(rate.s_per_mp)
 
     @staticmethod
     def _compute(translator: Translator, previous: Translator | None, images: list) -> list:
@@ -367,6 +440,7 @@ class Batcher:
         client gone) stops at its next tile."""
         while True:
             job = await self.large.get()
+            job.slot.started()
             if not (await self._live([job])):
                 continue
             large, started = job.large, time.perf_counter()
@@ -374,6 +448,7 @@ class Batcher:
                 painting = await asyncio.to_thread(job.translator.paint_planned, job.image, large.plan,
                                                    large.upsampler, job.future.done)
                 out: list | Exception = [painting]
+                self._observe("large", time.perf_counter() - started, job.image.shape[0] * job.image.shape[1])
             except PaintingStopped:
                 continue
             except Exception as exc:

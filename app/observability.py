@@ -38,6 +38,12 @@ class Metrics:
                                "refused when some file was refused", ["outcome"], registry=self.registry)
         self.jobs = Gauge("monet_jobs", "video jobs by state (queued, running, done, failed, cancelled)",
                           ["state"], registry=self.registry)
+        self.refused_by_wait = Counter("monet_refused_by_wait", "requests refused at admission because the work "
+                                       "ahead of them would pass their deadline, by lane (batch, large)", ["lane"],
+                                       registry=self.registry)
+        self.seconds_per_megapixel = Gauge("monet_seconds_per_megapixel", "measured painting time per megapixel "
+                                           "(moving average), by lane (batch, large): admission's estimate",
+                                           ["lane"], registry=self.registry)
         self.frames_painted = Counter("monet_video_frames_painted", "video frames painted by jobs",
                                       registry=self.registry)
         self.connections_refused = Counter(

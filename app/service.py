@@ -226,7 +226,14 @@ class PaintingService:
         started = time.perf_counter()
         opened = self.decoder.open(data)  # the header only: microseconds
         # batched or not does not depend on the EXIF rotation, which the decode applies
-        if not plan_painting(*opened.image.size, stroke_scale, s.tile, s.max_side).batched:
+        batched = plan_painting(*opened.image.size, stroke_scale, s.tile, s.max_side).batched
+        w, h = fitted_size(opened.image.size, s.max_side)
+        try:  # refused now, before the decode, if the work ahead would keep it past its deadline
+            slot.expect(w * h, not batched, s.request_timeout_s)
+        except Busy:
+            opened.image.close()
+            raise
+        if not batched:
             return await self._paint_large(opened, stroke_scale, slot, fmt, gone, strength, started, translator)
         image, alpha = split_alpha(await self.decoder.decode(opened, s.request_timeout_s, fmt in ALPHA_FORMATS))
         decoded = time.perf_counter()
