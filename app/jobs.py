@@ -30,7 +30,8 @@ from pathlib import Path
 from app.decoding import finish_decode, open_upload
 from app.encoding import ALPHA_FORMATS, FORMATS, encode_blend
 from app.errors import Busy, NotReady, Refusal, TooLarge, UnsupportedMedia
-from model.images import split_alpha
+from app.uploads import ZIP_TYPES
+from model.images import IMAGE_EXTENSIONS, split_alpha
 from model.plan import plan_painting
 from model.tiling import PaintingStopped
 from model.translator import NonFiniteOutput
@@ -305,9 +306,6 @@ def result_name(job: Job) -> str:
     return "result.zip" if job.kind == "photos" else "result.mp4"
 
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif")
-
-
 def is_zip(path: Path) -> bool:
     """A zip by its first bytes (a local file header) or its directory at the end (a self-extracting one); a
     zip cut short still starts with its magic, and is then refused as a damaged zip, not read as a video."""
@@ -326,10 +324,10 @@ def photo_entries(path: Path, settings) -> list[zipfile.ZipInfo]:
             entries = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise VideoError(f"not a readable zip ({exc})") from None
-    photos = [e for e in entries if not e.is_dir() and Path(e.filename).suffix.lower() in PHOTO_SUFFIXES
+    photos = [e for e in entries if not e.is_dir() and Path(e.filename).suffix.lower() in IMAGE_EXTENSIONS
               and not Path(e.filename).name.startswith(".") and not e.filename.startswith("__MACOSX/")]
     if not photos:
-        raise VideoError("the zip holds no photo (" + ", ".join(s.lstrip(".") for s in PHOTO_SUFFIXES[:4]) + ", ...)")
+        raise VideoError("the zip holds no photo (" + ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)) + ")")
     if len(photos) > settings.jobs_max_photos:
         raise TooLarge(f"the zip holds {len(photos)} photos; the limit is {settings.jobs_max_photos} "
                        "(MONET_JOBS_MAX_PHOTOS)")
@@ -388,7 +386,7 @@ def suffix_for(name: str | None, content_type: str) -> str:
     suffix = Path(name or "").suffix.lower()
     if suffix in VIDEO_EXTENSIONS or suffix == ".zip":
         return suffix
-    if content_type in ("application/zip", "application/x-zip-compressed"):
+    if content_type in ZIP_TYPES:
         return ".zip"
     return {"video/mp4": ".mp4", "video/quicktime": ".mov", "video/webm": ".webm",
             "video/x-matroska": ".mkv", "video/x-msvideo": ".avi"}.get(content_type, ".mp4")
