@@ -162,6 +162,12 @@ def test_validation_logs_kid_and_keeps_the_best_generator(folders, tmp_path):
     assert translator.info.training["val_kid"] == pytest.approx(best["val_kid"], abs=1e-6)
     state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert state["best"]["step"] == best["step"]
+    # every scored generator is kept with both figures, to pick one afterwards by more than KID
+    kept = sorted((out / "validated").glob("*.safetensors"))
+    assert [p.name for p in kept] == ["step_00000002.safetensors", "step_00000004.safetensors"]
+    for path, m in zip(kept, vals):
+        info = Translator.from_file(path, device="cpu").info.training
+        assert info["step"] == m["step"] and info["val_texture_kid"] == pytest.approx(m["val_texture_kid"], abs=1e-4)
 
 
 def test_validation_photos_are_never_trained_on(folders):

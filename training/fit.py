@@ -164,12 +164,16 @@ def make_validator(cfg: TrainConfig, device, val_files, paintings, dtype) -> Val
 
 def validate(objective, validator: Validator, state: RunState, log: RunLog, out: Path, step: int) -> None:
     """Score the generator on the validation photos (its time not counted as training); log it; keep
-    RUN_DIR/best.safetensors the best so far."""
+    RUN_DIR/best.safetensors the best so far, and every scored generator in RUN_DIR/validated/ (a few MB each)
+    so that one can be picked afterwards by more than one figure (KID and texture KID)."""
     started = time.perf_counter()
     scores = validator.scores(objective.nets.generator())
     value = scores["kid"]
     record = {"step": step, "val_kid": round(value, 6), "val_texture_kid": round(scores["texture_kid"], 5),
               "train_seconds": round(state.train_seconds(), 1)}
+    save_generator(out / "validated" / f"step_{step:08d}.safetensors", objective.nets.generator(),
+                   training=training_summary(objective.cfg, {"step": step}) | state.summary
+                   | {"val_kid": value, "val_texture_kid": scores["texture_kid"]})
     if state.improved(value, step):
         training = training_summary(objective.cfg, {"step": step}) | state.summary | {"val_kid": value}
         save_generator(out / "best.safetensors", objective.nets.generator(), training=training)
