@@ -124,8 +124,10 @@ class PaintingService:
 
     def _translator_for(self, path) -> Translator:
         s = self.settings
-        return Translator.from_file(path, device=s.device, precision=s.precision, max_batch=s.max_batch_size,
-                                    max_batch_pixels=s.max_batch_pixels, backend=s.backend, lock=self.model_lock)
+        translator = Translator.from_file(path, device=s.device, precision=s.precision, max_batch=s.max_batch_size,
+                                          max_batch_pixels=s.max_batch_pixels, backend=s.backend, lock=self.model_lock)
+        translator.prepare_stages()  # large paintings take turns with batches between stages (in the background)
+        return translator
 
     def _styles_changed(self) -> None:
         self.metrics.styles_loaded.set(len(self.catalogue.loaded))

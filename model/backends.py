@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.networks import for_inference
+from model.networks import InferenceGenerator, ResnetBlock, ResnetGenerator, for_inference
 from model.runtime import compute_threads
 
 BACKENDS = ("auto", "torch", "openvino")
@@ -86,6 +86,67 @@ class UInt8Generator(nn.Module):
         return images, torch.isfinite(y.sum())
 
 
+def generator_stages(generator: nn.Module) -> list[nn.Sequential] | None:
+    """The ResNet generator's layers cut into stages that each take a similar share of its time: the stem and
+    downsampling, each residual block, the upsampling and the head (the blocks hold most of the arithmetic).
+    None for a generator that is not one sequence of layers (the U-Net)."""
+    if isinstance(generator, ResnetGenerator):
+        layers = list(generator.model)
+    elif isinstance(generator, InferenceGenerator):
+        layers = list(generator)
+    else:
+        return None
+    stages, current = [], []
+    for layer in layers:
+        if isinstance(layer, ResnetBlock) or (current and isinstance(current[-1], ResnetBlock)):
+            if current:
+                stages.append(current)
+            current = []
+        current.append(layer)
+    stages.append(current)
+    return [nn.Sequential(*stage) for stage in stages]
+
+
+class FirstStage(nn.Module):
+    """uint8 (N, H, W, 3) images -> the first stage's float features (UInt8Generator's scaling, then ``layers``)."""
+
+    def __init__(self, layers: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        super().__init__()
+        self.layers, self.dtype, self.channels_last = layers, dtype, channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if self.dtype != torch.float32:
+            y = y.to(self.dtype)
+        if self.channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+        return self.layers(y)
+
+
+class LastStage(nn.Module):
+    """The last stage's features -> (uint8 (N, H, W, 3) paintings, all-finite flag), as UInt8Generator ends.
+    A NaN anywhere earlier reaches the output, so the flag covers every stage."""
+
+    def __init__(self, layers: nn.Module):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.layers(x).float()
+        images = torch.round((y + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return images, torch.isfinite(y.sum())
+
+
+def stage_modules(generator: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = False
+                  ) -> list[nn.Module] | None:
+    """``generator_stages`` wrapped so the first takes uint8 images and the last gives UInt8Generator's
+    (paintings, finite); run in order they paint exactly what UInt8Generator paints. None as there."""
+    stages = generator_stages(generator)
+    if stages is None or len(stages) < 2:
+        return None
+    return [FirstStage(stages[0], dtype, channels_last), *stages[1:-1], LastStage(stages[-1])]
+
+
 class TorchBackend:
     """The generator in eager torch on ``device`` in ``dtype`` (channels-last); on CUDA replayed from CUDA
     graphs (``CudaGraphs``) unless ``cuda_graphs`` is False. A CUDA out-of-memory error splits the batch."""
@@ -120,6 +181,29 @@ class TorchBackend:
             half = x.shape[0] // 2
             (a, fa), (b, fb) = self._forward(x[:half]), self._forward(x[half:])
             return torch.cat([a, b]), fa & fb
+
+    def staged(self, images, between) -> tuple:
+        """As ``__call__``, the network run stage by stage (``stage_modules``) with ``between()`` called between
+        two stages, so others can use the cores mid-image. On CUDA (fast enough not to need it) one call."""
+        stages = self.stages()
+        if stages is None or self.device.type == "cuda":
+            return self(images)
+        as_numpy = isinstance(images, np.ndarray)
+        if as_numpy:
+            images = torch.from_numpy(np.ascontiguousarray(images) if images.flags.writeable else images.copy())
+        with torch.inference_mode():
+            y = images.to(self.device)
+            for i, stage in enumerate(stages):
+                if i:
+                    between()
+                y = stage(y)
+        y, finite = y
+        return (y.cpu().numpy() if as_numpy else y), bool(finite)
+
+    def stages(self) -> list[nn.Module] | None:
+        if not hasattr(self, "_stages"):
+            self._stages = stage_modules(self.module.generator, self.dtype, channels_last=True)
+        return self._stages
 
     def release(self) -> bool:
         return False
@@ -209,19 +293,24 @@ _CONVERTED: OrderedDict = OrderedDict()  # content key -> the uint8 OpenVINO mod
 CONVERTED_KEEP = 8
 
 
-def converted(generator: nn.Module):
-    """``convert(generator, uint8_images=True)``, reusing the model of a generator with the same weights when
-    one was converted lately. OpenVINO's PyTorch front end keeps about 11 MB per conversion for good (measured
-    with the shipped-size generator, torch 2.14, OpenVINO 2025), so a server that unloads and reloads styles
-    (app/catalogue.py) would grow with every reload; with the cache a style's version is converted once. The
-    key is a hash of the tensors' bytes (about 10 ms for the shipped generator)."""
+def _weights_key(generator: nn.Module) -> tuple[str, str]:
+    """(architecture, a hash of the settings and the tensors' bytes): the same for generators with equal weights."""
     import hashlib
 
     digest = hashlib.sha256(repr(sorted(generator.spec.settings.items())).encode())
     for name, tensor in generator.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().contiguous().numpy().tobytes())
-    key = (generator.spec.architecture, digest.hexdigest())
+    return generator.spec.architecture, digest.hexdigest()
+
+
+def converted(generator: nn.Module):
+    """``convert(generator, uint8_images=True)``, reusing the model of a generator with the same weights when
+    one was converted lately. OpenVINO's PyTorch front end keeps about 11 MB per conversion for good (measured
+    with the shipped-size generator, torch 2.14, OpenVINO 2025), so a server that unloads and reloads styles
+    (app/catalogue.py) would grow with every reload; with the cache a style's version is converted once. The
+    key is a hash of the tensors' bytes (about 10 ms for the shipped generator)."""
+    key = _weights_key(generator)
     with _CONVERT_LOCK:
         model = _CONVERTED.get(key)
         if model is None:
@@ -231,6 +320,58 @@ def converted(generator: nn.Module):
         while len(_CONVERTED) > CONVERTED_KEEP:
             _CONVERTED.popitem(last=False)
         return model
+
+
+class _Boundary(nn.Module):
+    """A stage for OpenVINO whose float input and output between stages are of ``dtype`` (bf16 halves the
+    bytes each boundary moves; the network computes in bf16 inside anyway, so the painting is unchanged)."""
+
+    def __init__(self, stage: nn.Module, dtype: torch.dtype, first: bool, last: bool):
+        super().__init__()
+        self.stage, self.dtype, self.first, self.last = stage, dtype, first, last
+
+    def forward(self, x):
+        y = self.stage(x if self.first else x.float())
+        return y if self.last else y.to(self.dtype)
+
+
+def converted_stages(generator: nn.Module, bf16: bool = False) -> list | None:
+    """``stage_modules`` of ``generator`` as OpenVINO models for any batch and image size (the first takes
+    uint8 (N, H, W, 3), the others (N, C, H, W) features in bf16 with ``bf16``, else float32; the last gives
+    the uint8 paintings and the finite flag), cached as ``converted`` caches the whole model. None where the
+    generator has no stages. Converting takes several seconds (about 1.5 s a stage on 2 cores)."""
+    import openvino as ov
+
+    stages = stage_modules(for_inference(copy.deepcopy(generator).float().eval()))
+    if stages is None:
+        return None
+    key = ("stages", bf16, *_weights_key(generator))
+    with _CONVERT_LOCK:  # one conversion at a time: torch's tracer is not safe across threads
+        models = _CONVERTED.get(key)
+        if models is None:
+            models = _convert_stages(stages, generator.spec.size_multiple, bf16)
+        _CONVERTED[key] = models
+        _CONVERTED.move_to_end(key)
+        while len(_CONVERTED) > CONVERTED_KEEP:
+            _CONVERTED.popitem(last=False)
+    return models
+
+
+def _convert_stages(stages: list[nn.Module], size_multiple: int, bf16: bool) -> list:
+    import openvino as ov
+
+    dtype, ov_type = (torch.bfloat16, ov.Type.bf16) if bf16 else (torch.float32, ov.Type.f32)
+    side = max(64, size_multiple)
+    x = torch.zeros(1, side, side, 3, dtype=torch.uint8)
+    models = []
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        for i, stage in enumerate(stages):
+            module = _Boundary(stage, dtype, i == 0, i == len(stages) - 1).eval()
+            shape = [([-1, -1, -1, 3], ov.Type.u8)] if i == 0 else [([-1, x.shape[1], -1, -1], ov_type)]
+            models.append(ov.convert_model(module, example_input=x, input=shape))
+            x = module(x)
+    return models
 
 
 class OpenVINOBackend:
@@ -257,8 +398,10 @@ class OpenVINOBackend:
         self.config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
         self.throughput_config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT",
                                   "NUM_STREAMS": self.streams, "INFERENCE_NUM_THREADS": threads}
+        self.generator = generator
         self.model = converted(generator)
-        self.request = self.queue = None
+        self.request = self.queue = self.stage_requests = self.stage_models = None
+        self._stage_lock, self._thread_lock, self._stage_thread = threading.Lock(), threading.Lock(), None
         self.peak_pixels = 0
         self._compile(many=False)
         if self.streams > 1:
@@ -304,11 +447,51 @@ class OpenVINOBackend:
         out = self.request.infer({0: images})
         return out[0], bool(out[1])
 
+    def staged(self, images, between) -> tuple:
+        """As ``__call__``, the network run stage by stage (``stage_modules``) with ``between()`` called between
+        two stages, so batches can use the cores mid-image; the painting is the whole network's. The stages
+        are converted in a background thread on the first call (several seconds), which paints in one piece
+        meanwhile; ``prepare_stages()`` converts them at once."""
+        if isinstance(images, torch.Tensor):
+            y, finite = self.staged(images.cpu().numpy(), between)
+            return torch.from_numpy(y), finite
+        if self.stage_models is None:
+            with self._thread_lock:
+                if self._stage_thread is None:
+                    self._stage_thread = threading.Thread(target=self.prepare_stages, name="openvino-stages",
+                                                          daemon=True)
+                    self._stage_thread.start()
+            return self(images)
+        if not self.stage_models:  # a generator without stages
+            return self(images)
+        if self.stage_requests is None:
+            import openvino as ov
+
+            self.stage_requests = [ov.Core().compile_model(m, "CPU", self.config).create_infer_request()
+                                   for m in self.stage_models]
+        self.peak_pixels = max(self.peak_pixels, images.shape[0] * images.shape[1] * images.shape[2])
+        y = np.ascontiguousarray(images)
+        for i, request in enumerate(self.stage_requests):
+            if i:
+                between()
+            y = request.infer({0: y})
+            if i + 1 < len(self.stage_requests):
+                y = y[0]
+        return y[0], bool(y[1])
+
+    def prepare_stages(self) -> None:
+        """Convert the generator's stages for ``staged`` now (idempotent)."""
+        with self._stage_lock:
+            if self.stage_models is None:
+                bf16 = self.config["INFERENCE_PRECISION_HINT"] == "bf16"
+                self.stage_models = converted_stages(self.generator, bf16=bf16) or []
+
     def release(self) -> bool:  # noqa: D102 (see the class docstring)
         """Free the buffers of large batches (True if there were any)."""
         if self.peak_pixels <= self.RELEASE_ABOVE_PIXELS:
             return False
         self.request = None  # the throughput form never sees large images
+        self.stage_requests = None
         self.peak_pixels = 0
         return True
 

@@ -29,6 +29,9 @@ from model.weights import GeneratorInfo, load_generator
 log = logging.getLogger("monet.translator")
 TILE_OVERLAP = 64  # pixels two neighbouring tiles share, blended with raised-cosine ramps
 THUMB_PIXELS = 1024 * 1024  # the thumbnail whose statistics every tile uses: as large as the largest whole painting
+# an image painted on its own with more pixels than this runs stage by stage, letting waiting batches in between
+# (a 1024x768 painting's one forward pass held 256² requests up for all of it: p99 3.1x; issue 34)
+STAGE_ABOVE_PIXELS = 512 * 512
 
 
 class NonFiniteOutput(RuntimeError):
@@ -125,7 +128,7 @@ class Translator:
         """Paint one uint8 (H, W, 3) image by ``plan`` (model/plan.py; its size is the image's): shrunk to
         ``plan.painted``, in tiles when ``plan.tiled``, brought back with ``upsampler``. ``stop`` as in ``paint``."""
         small = shrink(image, plan.painted)
-        painting = self.translate_tiled(small, plan.tile, stop=stop) if plan.tiled else self.translate_many([small])[0]
+        painting = self.translate_tiled(small, plan.tile, stop=stop) if plan.tiled else self.paint_whole(small, stop)
         if stop is not None and stop():
             raise PaintingStopped("the painting is no longer wanted")
         return enlarge(painting, image, upsampler)
@@ -149,6 +152,41 @@ class Translator:
         if not finite:
             raise NonFiniteOutput(_NON_FINITE)
         return painting
+
+    def paint_whole(self, image: np.ndarray, stop=None) -> np.ndarray:
+        """Paint one uint8 (H, W, 3) image whole, as ``translate_many`` paints it. One over
+        ``STAGE_ABOVE_PIXELS`` runs stage by stage (model/backends.py ``generator_stages``): between two stages
+        whoever waits for the model (a batch of small requests) goes first, so it waits for one stage, not the
+        whole image; ``stop()``, asked between stages, True: raise PaintingStopped."""
+        h, w = image.shape[:2]
+        staged = getattr(self._run, "staged", None)
+        if h * w <= STAGE_ABOVE_PIXELS or staged is None:
+            return self.translate_many([image])[0]
+        top, bottom, left, right, mode = padding_for(h, w, self.size_multiple)
+        part = pad_images(image[None], top, bottom, left, right, mode)
+
+        def between():
+            if stop is not None and stop():
+                raise PaintingStopped("the painting is no longer wanted")
+            self._lock.take_turns()
+
+        with self._lock:
+            y, finite = staged(part, between)
+        if not finite:
+            raise NonFiniteOutput(_NON_FINITE)
+        return _contiguous(y[0, top : top + h, left : left + w])
+
+    def prepare_stages(self, wait: bool = False) -> None:
+        """Get the staged form of the network ready before the first large painting needs it (OpenVINO converts
+        each stage, several seconds on 2 cores, in a background thread; until then large paintings run in one
+        piece). ``wait``: return once it is ready."""
+        prepare = getattr(self._run, "prepare_stages", None)
+        if prepare is None:
+            return
+        if wait:
+            prepare()
+        else:
+            threading.Thread(target=prepare, name="prepare-stages", daemon=True).start()
 
     def translate_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Translate a uint8 array of shape (N, H, W, 3) of same-size RGB images; returns the same shape."""
