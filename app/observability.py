@@ -63,9 +63,23 @@ def route_label(scope: Scope, entry: Scope | None = None) -> str:
         return "/ui"
     route = scope.get("route")
     if route is None and (app := scope.get("app")) is not None:
-        probe = {**(entry or scope), "type": "http"}
-        route = next((r for r in getattr(app, "routes", []) if r.matches(probe)[0] == Match.FULL), None)
+        route = _matching(getattr(app, "routes", []), {**(entry or scope), "type": "http"})
     return getattr(route, "path", None) or "unmatched"
+
+
+def _matching(routes, probe: Scope):
+    """The route with a path template among ``routes`` that fully matches ``probe``, looking inside included
+    routers (recent FastAPI lists an included router as one entry of ``app.routes``, without a path: the arrival
+    gate's 503s for POST /translate were counted as "unmatched")."""
+    for route in routes:
+        if route.matches(probe)[0] != Match.FULL:
+            continue
+        if getattr(route, "path", None):
+            return route
+        inner = getattr(route, "routes", None) or getattr(getattr(route, "original_router", None), "routes", None)
+        if inner and (found := _matching(inner, probe)) is not None:
+            return found
+    return None
 
 
 class ObservabilityMiddleware:

@@ -67,8 +67,12 @@ def test_overload_gets_503_with_retry_after_and_the_server_recovers(server):
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
     # admitted before decoding: only the requests that got a slot were decoded, a 503 cost no decode
-    decodes = metric(httpx.get(server.url + "/metrics").text, "monet_decodes_total")
+    text = httpx.get(server.url + "/metrics").text
+    decodes = metric(text, "monet_decodes_total")
     assert decodes == codes.count(200), (decodes, codes)
+    # the arrival gate's 503s are counted under the route they were sent to, not as "unmatched"
+    assert metric(text, 'monet_requests_total{route="/translate",status="503"}') == codes.count(503), text
+    assert 'route="unmatched",status="503"' not in text
     # while the queue is full, a request is answered as it arrives, before its body is parsed: a malformed
     # multipart body gets the same 503, not a 400, and the connection stays usable
     with ThreadPoolExecutor(6) as pool:
