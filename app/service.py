@@ -126,7 +126,7 @@ class PaintingService:
         s = self.settings
         translator = Translator.from_file(path, device=s.device, precision=s.precision, max_batch=s.max_batch_size,
                                           max_batch_pixels=s.max_batch_pixels, backend=s.backend, lock=self.model_lock)
-        translator.prepare_stages()  # large paintings take turns with batches between stages (in the background)
+        translator.prepare_large()  # stages and tile graphs for large paintings, in the background
         return translator
 
     def _styles_changed(self) -> None:

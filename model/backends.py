@@ -374,6 +374,105 @@ def _convert_stages(stages: list[nn.Module], size_multiple: int, bf16: bool) -> 
     return models
 
 
+class _GivenStatsNorm(nn.Module):
+    """An instance norm for ``StatsGenerator``: in "record" mode it normalises by its input's own statistics and
+    hands them (mean, then variance, per channel) to its owner for its offset; in "apply" mode it takes them from
+    the owner's given vector at its offset."""
+
+    def __init__(self, norm: nn.InstanceNorm2d, owner: "StatsGenerator", offset: int):
+        super().__init__()
+        self.eps, self.weight, self.bias = norm.eps, norm.weight, norm.bias
+        self.channels, self.offset = norm.num_features, offset
+        self.__dict__["owner"] = owner  # not a submodule (the owner holds this one)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, owner = self.channels, self.owner
+        if owner.mode == "record":
+            var, mean = torch.var_mean(x.float(), dim=(2, 3), keepdim=True, unbiased=False)
+            owner.recorded.append((self.offset, torch.cat([mean[0].flatten(), var[0].flatten()])))
+        else:
+            mean = owner.given[self.offset : self.offset + c].view(1, c, 1, 1)
+            var = owner.given[self.offset + c : self.offset + 2 * c].view(1, c, 1, 1)
+        y = (x.float() - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return y.to(x.dtype)
+
+
+class StatsGenerator(nn.Module):
+    """The generator (``for_inference`` form) with its instance norms' statistics as a graph input or output,
+    for a runtime that compiles graphs (OpenVINO): ``mode="record"``: x -> (painting, stats), the statistics
+    of every norm in one vector; ``mode="apply"``: (x, stats) -> the painting normalised with those. What
+    model/tiling.py's SharedStatistics does in eager torch, as two static graphs."""
+
+    def __init__(self, generator: nn.Module, mode: str):
+        super().__init__()
+        self.net, self.mode = for_inference(copy.deepcopy(generator).float().eval()), mode
+        self.recorded, self.given, self.size = [], None, 0
+        for parent in list(self.net.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.InstanceNorm2d):
+                    setattr(parent, name, _GivenStatsNorm(child, self, self.size))
+                    self.size += 2 * child.num_features
+
+    def forward(self, x: torch.Tensor, stats: torch.Tensor | None = None):
+        if self.mode == "record":
+            self.recorded = []
+            y = self.net(x)
+            return y, torch.cat([stats for _, stats in sorted(self.recorded, key=lambda r: r[0])])
+        self.given = stats
+        return self.net(x)
+
+
+def converted_shared(generator: nn.Module) -> tuple:
+    """(record, apply): ``StatsGenerator`` in both modes as OpenVINO models, (1, 3, H, W) float32 in [-1, 1]
+    for any H and W (multiples of the size multiple); cached as ``converted`` caches the whole model."""
+    import openvino as ov
+
+    key = ("shared", *_weights_key(generator))
+    with _CONVERT_LOCK:
+        models = _CONVERTED.get(key)
+        if models is None:
+            side = max(64, generator.spec.size_multiple)
+            x = torch.zeros(1, 3, side, side)
+            record, apply = StatsGenerator(generator, "record").eval(), StatsGenerator(generator, "apply").eval()
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                stats = record(x)[1]
+                models = (ov.convert_model(record, example_input=x, input=[(1, 3, -1, -1)]),
+                          ov.convert_model(apply, example_input=(x, stats),
+                                           input=[((1, 3, -1, -1), ov.Type.f32), ((stats.numel(),), ov.Type.f32)]))
+        _CONVERTED[key] = models
+        _CONVERTED.move_to_end(key)
+        while len(_CONVERTED) > CONVERTED_KEEP:
+            _CONVERTED.popitem(last=False)
+        return models
+
+
+class OpenVINOShared:
+    """SharedStatistics's interface (model/tiling.py: ``record(thumbnail)`` once, then each call paints a tile
+    with the recorded statistics) on OpenVINO's compiled graphs, in the backend's precision: tiled paintings
+    run on the same fast backend as whole ones. Takes and returns float32 (1, 3, H, W) tensors in [-1, 1]."""
+
+    def __init__(self, generator: nn.Module, config: dict):
+        import openvino as ov
+
+        record, apply = converted_shared(generator)
+        core = ov.Core()
+        self._record = core.compile_model(record, "CPU", config).create_infer_request()
+        self._apply = core.compile_model(apply, "CPU", config).create_infer_request()
+        self.stats = None
+
+    def to(self, device):  # SharedStatistics's interface; OpenVINO runs on the CPU
+        return self
+
+    def record(self, x: torch.Tensor) -> None:
+        self.stats = np.ascontiguousarray(self._record.infer({0: x.cpu().numpy()})[1])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._apply.infer({0: x.cpu().numpy(), 1: self.stats})[0].copy())
+
+
 class OpenVINOBackend:
     """The generator compiled by OpenVINO on CPU: uint8 (N, H, W, 3) images in (numpy or torch), uint8
     paintings of the same kind out, with an all-finite flag.
@@ -479,12 +578,19 @@ class OpenVINOBackend:
                 y = y[0]
         return y[0], bool(y[1])
 
+    def shared(self) -> OpenVINOShared:
+        """The generator with shared statistics for tiled paintings (``OpenVINOShared``), in this backend's
+        precision and threads."""
+        return OpenVINOShared(self.generator, self.config)
+
     def prepare_stages(self) -> None:
-        """Convert the generator's stages for ``staged`` now (idempotent)."""
+        """Convert the generator's stages for ``staged`` and its shared-statistics form for ``shared`` now
+        (idempotent; the conversions are cached)."""
         with self._stage_lock:
             if self.stage_models is None:
                 bf16 = self.config["INFERENCE_PRECISION_HINT"] == "bf16"
                 self.stage_models = converted_stages(self.generator, bf16=bf16) or []
+        converted_shared(self.generator)
 
     def release(self) -> bool:  # noqa: D102 (see the class docstring)
         """Free the buffers of large batches (True if there were any)."""

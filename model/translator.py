@@ -138,15 +138,13 @@ class Translator:
         """Paint one uint8 (H, W, 3) image of any size in overlapping ``tile`` x ``tile`` tiles, every tile
         normalised with the statistics of one thumbnail pass (model/tiling.py); memory follows the tile, not
         the image. An image that fits one tile is painted whole, exactly as ``translate_many`` paints it.
-        The tiles run in fp32 eager torch on this translator's device whatever its backend (OpenVINO's
-        compiled graph cannot take shared statistics)."""
+        The tiles run on this translator's backend: OpenVINO compiles the generator with the statistics as a
+        graph input (model/backends.py ``OpenVINOShared``); torch runs ``SharedStatistics`` in fp32."""
         if max(image.shape[:2]) <= tile:
             return self.translate_many([image])[0]
         if self._shared is None:
-            if self.backend != "torch":
-                log.info("tiled painting runs on torch in fp32: the %s backend cannot share normalisation "
-                         "statistics between tiles", self.backend)
-            self._shared = SharedStatistics(self._generator).to(self.device)
+            shared = getattr(self._run, "shared", None)  # a compiled backend's own (OpenVINO)
+            self._shared = shared() if shared is not None else SharedStatistics(self._generator).to(self.device)
         painting, finite = paint_tiled(self._shared, image, tile, overlap, thumb_pixels, self.size_multiple,
                                        self.device, self._lock, stop)
         if not finite:
@@ -176,10 +174,11 @@ class Translator:
             raise NonFiniteOutput(_NON_FINITE)
         return _contiguous(y[0, top : top + h, left : left + w])
 
-    def prepare_stages(self, wait: bool = False) -> None:
-        """Get the staged form of the network ready before the first large painting needs it (OpenVINO converts
-        each stage, several seconds on 2 cores, in a background thread; until then large paintings run in one
-        piece). ``wait``: return once it is ready."""
+    def prepare_large(self, wait: bool = False) -> None:
+        """Get the forms of the network that large paintings use ready before the first one needs them: the
+        stages (``paint_whole``) and the shared-statistics graphs of tiles (``translate_tiled``). OpenVINO converts
+        them, about 10 s on 2 cores, in a background thread; until then large paintings run in one piece
+        and the first tiled one converts its graphs itself. ``wait``: return once they are ready."""
         prepare = getattr(self._run, "prepare_stages", None)
         if prepare is None:
             return
@@ -212,6 +211,8 @@ class Translator:
         """Drop what large batches left behind (OpenVINO's buffers); call it when idle."""
         with self._lock:
             self._run.release()
+            if self._shared is not None and self.backend != "torch":  # a compiled graph's tile buffers
+                self._shared = None
 
     # -- internals --------------------------------------------------------------------------
     def _paint(self, batch):

@@ -23,7 +23,7 @@ def test_the_resnet_generator_is_cut_at_every_residual_block():
     not openvino_available(), reason="the openvino extra is not installed"))])
 def test_a_painting_in_stages_is_the_whole_networks(backend):
     t = Translator.from_file(SHIPPED_WEIGHTS, device="cpu", backend=backend)
-    t.prepare_stages(wait=True)
+    t.prepare_large(wait=True)
     image = np.asarray(photo(600, 452).convert("RGB"))  # over STAGE_ABOVE_PIXELS, so painted in stages
     assert 600 * 452 > STAGE_ABOVE_PIXELS
     staged, whole = t.paint_whole(image), t.translate_many([image])[0]
@@ -77,3 +77,25 @@ def test_a_painting_given_up_stops_between_stages():
     with pytest.raises(PaintingStopped):
         t.paint_whole(np.asarray(photo(600, 452).convert("RGB")), stop=lambda: asked.append(1) or len(asked) > 2)
     assert len(asked) == 3  # asked between stages; stopped at the third boundary
+
+
+@pytest.mark.skipif(not openvino_available(), reason="the openvino extra is not installed")
+def test_tiles_run_on_openvino_with_shared_statistics_as_close_to_whole_as_torchs():
+    """Tiles with one set of statistics run on the compiled backend (the statistics a graph input), not in eager
+    fp32 torch (issue 34, item 5), and are as close to the whole painting as the torch tiles are."""
+    from model.backends import OpenVINOShared
+
+    image = np.asarray(photo(1536, 1024).convert("RGB"))
+    gaps = {}
+    for backend in ("torch", "openvino"):
+        t = Translator.from_file(SHIPPED_WEIGHTS, device="cpu", backend=backend)
+        whole, tiled = t.translate_many([image])[0], t.translate_tiled(image, 512)
+        assert tiled.shape == image.shape
+        gaps[backend] = np.abs(whole.astype(float) - tiled.astype(float)).mean()
+        if backend == "openvino":
+            assert isinstance(t._shared, OpenVINOShared)
+            t.release_memory()  # the tile graphs' buffers go with the backend's
+            assert t._shared is None
+            again = t.translate_tiled(image, 512)
+            assert np.abs(again.astype(float) - tiled.astype(float)).mean() < 0.05
+    assert gaps["openvino"] <= 2.0 and gaps["openvino"] <= gaps["torch"] + 0.5, gaps
