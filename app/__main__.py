@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 import sys
 import threading
 import time
@@ -75,15 +78,61 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets=None) -> None:
         """Close the listener in a lull, when no connection has opened for ``QUIET_S`` (waiting at most
-        ``drain_s``): closing it resets the connections the kernel has accepted but the server not yet taken,
-        and a client that connected a moment ago is sending its request on one of those."""
+        ``drain_s``), and without resetting any connection it had let in: those asyncio accepted get their
+        protocol first, those still in the kernel's backlog are taken over (``adopt_backlog``), and the
+        listening socket is shut down (not only closed: a forked child's copy of the fd would keep it
+        accepting). Every connection let in is then answered (503, Connection: close) or served."""
         deadline = time.monotonic() + self.drain_s
         while time.monotonic() < deadline:
             await asyncio.sleep(QUIET_S / 10)
             await asyncio.sleep(0)  # let the accepts that are ready run their connection_made
             if time.monotonic() - self.protocol.last_opened >= QUIET_S:
                 break
-        await super().shutdown(sockets)  # closes the listener before its first await
+        # No lull under steady reconnects. Stop asyncio accepting, let the connections it has accepted but not
+        # yet given a protocol get one (closing the server under them resets them: asyncio's Server._attach
+        # fails), take what the kernel still holds in the backlog, and close the listener in the same breath
+        # (no await in between): no connection is reset with its request unanswered.
+        loop = asyncio.get_running_loop()
+        for server in self.servers:
+            for listening in server.sockets:
+                loop.remove_reader(listening.fileno())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        adopted = self.adopt_backlog()
+        for server in self.servers:
+            for listening in server.sockets:  # stops listening even where a forked child holds a copy of the fd
+                with socket.socket(fileno=os.dup(listening.fileno())) as dup, contextlib.suppress(OSError):
+                    dup.shutdown(socket.SHUT_RDWR)
+            server.close()
+        if adopted:
+            await asyncio.gather(*adopted, return_exceptions=True)  # their connection_made has run
+            logging.getLogger("monet.service").info("took %d waiting connection(s) from the backlog", len(adopted))
+        await super().shutdown(sockets)  # the adopted connections are answered as every other one
+
+    def adopt_backlog(self) -> list:
+        """Accept every connection waiting in the listeners' backlogs (a duplicate of each listening socket,
+        non-blocking) and hand it to the server's protocol; the tasks that do so."""
+        loop, tasks = asyncio.get_running_loop(), []
+        for server in self.servers:
+            factory = getattr(server, "_protocol_factory", None)  # asyncio's Server keeps it (3.7+)
+            if factory is None:
+                continue
+            for listening in server.sockets:
+                dup = socket.socket(fileno=os.dup(listening.fileno()))
+                dup.setblocking(False)
+                try:
+                    while True:
+                        try:
+                            conn, _ = dup.accept()
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        conn.setblocking(False)
+                        tasks.append(loop.create_task(loop.connect_accepted_socket(factory, conn)))
+                except OSError:
+                    pass
+                finally:
+                    dup.close()
+        return tasks
 
 
 if __name__ == "__main__":

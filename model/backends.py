@@ -40,6 +40,23 @@ _CONVERT_LOCK = threading.Lock()
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
+def _openvino():
+    """The openvino module, its usage statistics turned off for this process first. OpenVINO's converter sends
+    them (openvino-telemetry, without asking where no consent file exists) from a forked copy of the process
+    per event, waiting up to 3 s for each: conversions waited for it, and in the server every fork held a copy of
+    the listening socket, so connections were still accepted by the kernel after the drain closed it, then
+    reset (issue 34, item 3). Nothing is sent from a machine without network anyway."""
+    try:
+        from openvino_telemetry.backend import backend_ga4
+    except ImportError:  # not installed: OpenVINO uses its own stub
+        pass
+    else:
+        backend_ga4.GA4Backend.send = lambda self, message: None
+    import openvino
+
+    return openvino
+
+
 def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
@@ -273,7 +290,7 @@ def convert(generator: nn.Module, uint8_images: bool = False, rewrite: bool = Tr
     (the network as it is), or with ``uint8_images`` (N, H, W, 3) uint8 in, (N, H, W, 3) uint8 and the
     finite flag out (see UInt8Generator). The graph is ``for_inference``'s form of the generator (the
     network as trained with ``rewrite=False``, for comparison)."""
-    import openvino as ov
+    ov = _openvino()
 
     module = copy.deepcopy(generator).float().eval()
     if rewrite:
@@ -340,7 +357,7 @@ def converted_stages(generator: nn.Module, bf16: bool = False) -> list | None:
     uint8 (N, H, W, 3), the others (N, C, H, W) features in bf16 with ``bf16``, else float32; the last gives
     the uint8 paintings and the finite flag), cached as ``converted`` caches the whole model. None where the
     generator has no stages. Converting takes several seconds (about 1.5 s a stage on 2 cores)."""
-    import openvino as ov
+    ov = _openvino()
 
     stages = stage_modules(for_inference(copy.deepcopy(generator).float().eval()))
     if stages is None:
@@ -358,7 +375,7 @@ def converted_stages(generator: nn.Module, bf16: bool = False) -> list | None:
 
 
 def _convert_stages(stages: list[nn.Module], size_multiple: int, bf16: bool) -> list:
-    import openvino as ov
+    ov = _openvino()
 
     dtype, ov_type = (torch.bfloat16, ov.Type.bf16) if bf16 else (torch.float32, ov.Type.f32)
     side = max(64, size_multiple)
@@ -427,7 +444,7 @@ class StatsGenerator(nn.Module):
 def converted_shared(generator: nn.Module) -> tuple:
     """(record, apply): ``StatsGenerator`` in both modes as OpenVINO models, (1, 3, H, W) float32 in [-1, 1]
     for any H and W (multiples of the size multiple); cached as ``converted`` caches the whole model."""
-    import openvino as ov
+    ov = _openvino()
 
     key = ("shared", *_weights_key(generator))
     with _CONVERT_LOCK:
@@ -455,7 +472,7 @@ class OpenVINOShared:
     run on the same fast backend as whole ones. Takes and returns float32 (1, 3, H, W) tensors in [-1, 1]."""
 
     def __init__(self, generator: nn.Module, config: dict):
-        import openvino as ov
+        ov = _openvino()
 
         record, apply = converted_shared(generator)
         core = ov.Core()
@@ -507,7 +524,7 @@ class OpenVINOBackend:
             self._compile(many=True)
 
     def _compile(self, many: bool) -> None:
-        import openvino as ov
+        ov = _openvino()
 
         if many:
             compiled = ov.Core().compile_model(self.model, "CPU", self.throughput_config)
@@ -557,14 +574,13 @@ class OpenVINOBackend:
         if self.stage_models is None:
             with self._thread_lock:
                 if self._stage_thread is None:
-                    self._stage_thread = threading.Thread(target=self.prepare_stages, name="openvino-stages",
-                                                          daemon=True)
+                    self._stage_thread = threading.Thread(target=self.prepare_stages, name="openvino-stages")
                     self._stage_thread.start()
             return self(images)
         if not self.stage_models:  # a generator without stages
             return self(images)
         if self.stage_requests is None:
-            import openvino as ov
+            ov = _openvino()
 
             self.stage_requests = [ov.Core().compile_model(m, "CPU", self.config).create_infer_request()
                                    for m in self.stage_models]
@@ -616,7 +632,7 @@ def export(weights: Path, out: Path) -> None:
     if out.suffix == ".onnx":
         atomic_write(out, lambda tmp: export_onnx(generator, Path(tmp)))
         return
-    import openvino as ov
+    ov = _openvino()
 
     tmp = out.with_name(f".{out.stem}.tmp.xml")
     ov.save_model(convert(generator), tmp, compress_to_fp16=False)

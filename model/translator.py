@@ -185,7 +185,9 @@ class Translator:
         if wait:
             prepare()
         else:
-            threading.Thread(target=prepare, name="prepare-stages", daemon=True).start()
+            # not a daemon: the interpreter waits for it at exit (OpenVINO's threads, cut off mid-conversion,
+            # abort the process: "terminate called without an active exception")
+            threading.Thread(target=prepare, name="prepare-large").start()
 
     def translate_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Translate a uint8 array of shape (N, H, W, 3) of same-size RGB images; returns the same shape."""
