@@ -1,7 +1,10 @@
 """How fast an overloaded server says no: N concurrent 256x256 uploads against the default queue (64), the
 latency of the 503s beside that of the 200s, and how many uploads were decoded (each refusal should cost none).
 
-    python -m benchmarks.bench_overload [--clients 200] [--weights FILE] [--multipart]
+    python -m benchmarks.bench_overload [--clients 200] [--weights FILE] [--multipart] [--against REV] [--rounds N]
+
+``--against REV`` runs REV's server (a git worktree, e.g. the previous main) the same way, alternating, in the
+same run.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from model.weights import SHIPPED_WEIGHTS
-from tools.serving import Server
+from tools.serving import ROOT, Server, revision
 
 
 def upload(seed: int) -> bytes:
@@ -71,30 +74,44 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=200)
-    p.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
-    p.add_argument("--multipart", action="store_true", help="send multipart bodies (curl -F) instead of raw ones")
-    args = p.parse_args(argv)
+def one_burst(root: Path, weights: Path, request: bytes, clients: int) -> dict:
     log = Path(tempfile.mkdtemp()) / "server.log"
-    server = Server({"MONET_WEIGHTS": str(args.weights), "MONET_UI": "false"}, log=log).wait_ready()
+    server = Server({"MONET_WEIGHTS": str(weights), "MONET_UI": "false"}, log=log, root=root).wait_ready()
     try:
-        results = asyncio.run(burst(server.url, request_bytes(upload(0), args.multipart), args.clients))
+        results = asyncio.run(burst(server.url, request, clients))
         metrics = httpx.get(server.url + "/metrics").text
         decodes = float(re.search(r"^monet_decodes_total (\S+)$", metrics, re.M).group(1))
     finally:
         server.stop()
     served = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"method": "POST"')]
-    inside = [r["ms"] for r in served if r["status"] == 503]  # the server's own time: middleware in to answer out
-    ok = [ms for status, ms in results if status == 200]
-    busy = [ms for status, ms in results if status == 503]
-    other = sorted({status for status, _ in results} - {200, 503})
+    return {"ok": [ms for status, ms in results if status == 200],
+            "busy": [ms for status, ms in results if status == 503],
+            "inside": [r["ms"] for r in served if r["status"] == 503],  # the server's own time, middleware in to out
+            "other": sorted({status for status, _ in results} - {200, 503}), "decodes": decodes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=200)
+    p.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
+    p.add_argument("--multipart", action="store_true", help="send multipart bodies (curl -F) instead of raw ones")
+    p.add_argument("--against", help="also run this git revision's server (a worktree), alternating")
+    p.add_argument("--rounds", type=int, default=1, help="bursts per server")
+    args = p.parse_args(argv)
+    request = request_bytes(upload(0), args.multipart)
     print(f"{args.clients} concurrent 256x256 JPEG uploads ({'multipart' if args.multipart else 'raw'}), queue 64")
-    print(f"  200: {len(ok)}, p50 {percentile(ok, 50):.0f} ms, p99 {percentile(ok, 99):.0f} ms")
-    print(f"  503: {len(busy)}, p50 {percentile(busy, 50):.0f} ms, p99 {percentile(busy, 99):.0f} ms "
-          f"(in the server: p50 {percentile(inside, 50):.0f} ms, p99 {percentile(inside, 99):.0f} ms)")
-    print(f"  other statuses: {other or 'none'}; uploads decoded: {decodes:.0f} (of {args.clients})")
+    with revision(args.against) as other:
+        roots = ({f"main ({args.against})": other} if other else {}) | {"ours": ROOT}
+        for round_ in range(args.rounds):
+            for name, root in roots.items():
+                r = one_burst(root, args.weights, request, args.clients)
+                ok, busy, inside = r["ok"], r["busy"], r["inside"]
+                print(f"round {round_ + 1} {name}:")
+                print(f"  200: {len(ok)}, p50 {percentile(ok, 50):.0f} ms, p99 {percentile(ok, 99):.0f} ms")
+                print(f"  503: {len(busy)}, p50 {percentile(busy, 50):.0f} ms, p99 {percentile(busy, 99):.0f} ms "
+                      f"(in the server: p50 {percentile(inside, 50):.0f} ms, p99 {percentile(inside, 99):.0f} ms)")
+                print(f"  other statuses: {r['other'] or 'none'}; uploads decoded: {r['decodes']:.0f} (of {args.clients})",
+                      flush=True)
     return 0
 
 

@@ -2,10 +2,12 @@
 `python -m app` on a free loopback port, configured through MONET_* variables, polled until ready."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,3 +87,20 @@ def start_app(env: dict[str, str], stdout=None, ready: bool = True) -> tuple[sub
     if ready:
         wait_ready(server.url + "/readyz", server.proc)
     return server.proc, server.port
+
+
+@contextlib.contextmanager
+def revision(rev: str | None):
+    """A git worktree of ``rev`` of this checkout (detached; removed afterwards), for a benchmark that runs the
+    previous main beside ours in the same run; None: nothing (yields None)."""
+    if not rev:
+        yield None
+        return
+    path = Path(tempfile.mkdtemp(prefix="bench_rev_"))
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], check=True,
+                   capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False,
+                       capture_output=True)
