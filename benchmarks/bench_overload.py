@@ -25,7 +25,12 @@ from model.weights import SHIPPED_WEIGHTS
 from tools.serving import ROOT, Server, revision
 
 
-def upload(seed: int) -> bytes:
+def upload(seed: int, size: tuple[int, int] = (256, 256)) -> bytes:
+    """A JPEG of ``size``: noise at 256x256; larger, the bundled example photo enlarged (a photo's bytes)."""
+    if size != (256, 256):
+        from benchmarks.bench_large import big_photo
+
+        return big_photo(size, seed)
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
     buf = io.BytesIO()
@@ -87,7 +92,8 @@ def one_burst(root: Path, weights: Path, request: bytes, clients: int) -> dict:
     return {"ok": [ms for status, ms in results if status == 200],
             "busy": [ms for status, ms in results if status == 503],
             "inside": [r["ms"] for r in served if r["status"] == 503],  # the server's own time, middleware in to out
-            "other": sorted({status for status, _ in results} - {200, 503}), "decodes": decodes}
+            "other": sorted({status for status, _ in results} - {200, 503}), "decodes": decodes,
+            "late": [ms for status, ms in results if status == 504]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--multipart", action="store_true", help="send multipart bodies (curl -F) instead of raw ones")
     p.add_argument("--against", help="also run this git revision's server (a worktree), alternating")
     p.add_argument("--rounds", type=int, default=1, help="bursts per server")
+    p.add_argument("--size", default="256x256", help="the uploads' WxH (e.g. 1024x768, 6000x6000)")
     args = p.parse_args(argv)
-    request = request_bytes(upload(0), args.multipart)
-    print(f"{args.clients} concurrent 256x256 JPEG uploads ({'multipart' if args.multipart else 'raw'}), queue 64")
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    request = request_bytes(upload(0, size), args.multipart)
+    print(f"{args.clients} concurrent {args.size} JPEG uploads ({'multipart' if args.multipart else 'raw'}, "
+          f"{len(request) / 1e6:.1f} MB each), queue 64")
     with revision(args.against) as other:
         roots = ({f"main ({args.against})": other} if other else {}) | {"ours": ROOT}
         for round_ in range(args.rounds):
@@ -110,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  200: {len(ok)}, p50 {percentile(ok, 50):.0f} ms, p99 {percentile(ok, 99):.0f} ms")
                 print(f"  503: {len(busy)}, p50 {percentile(busy, 50):.0f} ms, p99 {percentile(busy, 99):.0f} ms "
                       f"(in the server: p50 {percentile(inside, 50):.0f} ms, p99 {percentile(inside, 99):.0f} ms)")
-                print(f"  other statuses: {r['other'] or 'none'}; uploads decoded: {r['decodes']:.0f} (of {args.clients})",
-                      flush=True)
+                print(f"  other statuses: {r['other'] or 'none'} (504: {len(r['late'])}); uploads decoded: "
+                      f"{r['decodes']:.0f} (of {args.clients})", flush=True)
     return 0
 
 
