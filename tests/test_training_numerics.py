@@ -143,3 +143,15 @@ def test_compile_norm_puts_the_compiled_kernel_in_every_instance_norm_of_both_ne
     expected = compiled_norm_kernel(torch.float32 if nets.dtype is None else nets.dtype) if compiled else None
     assert all(m.nhwc_kernel is expected for m in norms)
     assert not compiled or expected is not None
+
+
+def test_the_sqrt_batch_rule_is_capped_where_gan_steps_diverged():
+    """lr x sqrt(global batch), capped at 3e-4 (issue 35: at batch 32 the rule gave 5.7e-4 and CUT diverged);
+    a base lr above the cap is the user's own and is kept."""
+    from training.parts import MAX_SCALED_LR, scaled_lr
+
+    assert scaled_lr(1e-4, 4)[0] == pytest.approx(2e-4) and not scaled_lr(1e-4, 4)[1]
+    assert scaled_lr(1e-4, 8)[0] == pytest.approx(2.83e-4, rel=1e-2) and not scaled_lr(1e-4, 8)[1]
+    lr, capped = scaled_lr(1e-4, 32)
+    assert capped and lr == MAX_SCALED_LR == 3e-4
+    assert scaled_lr(5e-4, 32) == (5e-4, True)  # a higher base: the user's choice is the cap

@@ -70,6 +70,11 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
               f"{len(paintings.files)} ({paintings.skipped} unreadable skipped); device {device}"
               f"{f' x{world_size}' if world_size > 1 else ''}, precision {nets.dtype or 'fp32'}; "
               f"steps {start}->{stop_at} of {total} ({steps_per_epoch} per epoch)", flush=True)
+        if getattr(nets, "lr_capped", False):
+            print(f"lr: {cfg.lr:g} x sqrt(global batch {cfg.batch_size * world_size}) would be "
+                  f"{cfg.lr * math.sqrt(cfg.batch_size * world_size):.2g}; capped at "
+                  f"{nets.opt_G.param_groups[0]['initial_lr']:.2g} (larger GAN steps diverged at batch 32; "
+                  "pass a higher --lr to go past it)", flush=True)
     dataset = UnpairedDataset(photos, paintings, cfg.load_size, cfg.image_size, cfg.flip, cfg.seed)
     sampler = StepSampler(len(dataset), steps_per_epoch, cfg.batch_size, cfg.seed, start, stop_at, rank, world_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
