@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
               "or a folder of them)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    # our loggers' level set on them, not only inherited from the root: OpenVINO's converter sets the root
+    # logger to ERROR while it converts, and a style's graphs convert in a background thread while requests
+    # are served (their access-log lines were lost meanwhile)
+    logging.getLogger("monet").setLevel(logging.INFO)
     from app.main import create_app
 
     app = create_app(settings)

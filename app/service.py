@@ -124,10 +124,8 @@ class PaintingService:
 
     def _translator_for(self, path) -> Translator:
         s = self.settings
-        translator = Translator.from_file(path, device=s.device, precision=s.precision, max_batch=s.max_batch_size,
-                                          max_batch_pixels=s.max_batch_pixels, backend=s.backend, lock=self.model_lock)
-        translator.prepare_large()  # stages and tile graphs for large paintings, in the background
-        return translator
+        return Translator.from_file(path, device=s.device, precision=s.precision, max_batch=s.max_batch_size,
+                                    max_batch_pixels=s.max_batch_pixels, backend=s.backend, lock=self.model_lock)
 
     def _styles_changed(self) -> None:
         self.metrics.styles_loaded.set(len(self.catalogue.loaded))
@@ -157,6 +155,10 @@ class PaintingService:
         t = style.translator
         log.info("model ready: %s (style %s of %d) on %s (%s, %s)", style.file.path, style.name,
                  len(self.catalogue.files), t.device, t.dtype, t.backend)
+        # the default style's stages and tile graphs for large paintings, in the background (other styles convert
+        # theirs when their first large painting needs them: each conversion keeps memory in OpenVINO for good,
+        # and a catalogue that loads and unloads styles would pay it on every load)
+        t.prepare_large()
 
     async def reload(self, why: str) -> dict:
         """Read the styles again (app/catalogue.py); what changed and what was refused."""
@@ -197,7 +199,9 @@ class PaintingService:
             "batching": {"max_batch_size": s.max_batch_size, "max_batch_wait_ms": s.max_batch_wait_ms,
                          "queue_size": s.queue_size, "request_timeout_s": s.request_timeout_s},
             "painting": {"tile": s.tile, "upsampler": s.upsampler, "default_stroke_scale": "longer side / 1024, "
-                         "at least 1"},
+                         "at least 1",
+                         # the default style's stages and tile graphs converted (app start, in the background)
+                         "large_ready": t.large_ready if t is not None else False},
             "limits": {"max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_side": s.max_side,
                        "decode_budget_bytes": s.decode_budget_bytes, "max_batch_pixels": s.max_batch_pixels},
         }

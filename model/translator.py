@@ -187,7 +187,14 @@ class Translator:
         else:
             # not a daemon: the interpreter waits for it at exit (OpenVINO's threads, cut off mid-conversion,
             # abort the process: "terminate called without an active exception")
-            threading.Thread(target=prepare, name="prepare-large").start()
+            self._preparing = threading.Thread(target=prepare, name="prepare-large")
+            self._preparing.start()
+
+    @property
+    def large_ready(self) -> bool:
+        """Whether no conversion for large paintings (``prepare_large``) is still running."""
+        preparing = getattr(self, "_preparing", None)
+        return preparing is None or not preparing.is_alive()
 
     def translate_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Translate a uint8 array of shape (N, H, W, 3) of same-size RGB images; returns the same shape."""
