@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -51,6 +52,15 @@ class Painting:
         t = self.timing
         return (f"decode;dur={self.decode_ms:.1f}, queue;dur={t.queue_ms:.1f}, compute;dur={t.compute_ms:.1f}, "
                 f"encode;dur={self.encode_ms:.1f}")
+
+
+def freeze_heap() -> None:
+    """Collect, then move every object alive now (the imports, the model, OpenVINO's conversions) out of the
+    garbage collector's sight (``gc.freeze``), so that the collections a burst of requests triggers walk only
+    the requests' objects. After the conversions for large paintings, whose front end keeps many objects alive,
+    the 503s of a 300-upload burst took twice as long without it (p50 406 against 182 ms in the server)."""
+    gc.collect()
+    gc.freeze()
 
 
 class PaintingService:
@@ -155,10 +165,11 @@ class PaintingService:
         t = style.translator
         log.info("model ready: %s (style %s of %d) on %s (%s, %s)", style.file.path, style.name,
                  len(self.catalogue.files), t.device, t.dtype, t.backend)
+        freeze_heap()
         # the default style's stages and tile graphs for large paintings, in the background (other styles convert
         # theirs when their first large painting needs them: each conversion keeps memory in OpenVINO for good,
         # and a catalogue that loads and unloads styles would pay it on every load)
-        t.prepare_large()
+        t.prepare_large(then=freeze_heap)
 
     async def reload(self, why: str) -> dict:
         """Read the styles again (app/catalogue.py); what changed and what was refused."""

@@ -147,8 +147,8 @@ def hol_rows(photo48: bytes, roots: dict[str, Path], clients: int = 4, n: int = 
         try:
             for _ in range(3):
                 post(srv.url, body)
-            post(srv.url, photo48)  # the large path warm (and, where it exists, its staged graphs converted)
-            time.sleep(15 if name == "ours" else 0)  # the background conversion of the stages and tile graphs
+            srv.wait_large_ready()  # where it exists: the stages and tile graphs converted in the background
+            post(srv.url, photo48)  # the large path warm
             alone = smalls(srv.url, lambda done: done < n * clients)
             result, painting = {}, threading.Event()
 

@@ -82,6 +82,7 @@ def percentile(values: list[float], q: float) -> float:
 def one_burst(root: Path, weights: Path, request: bytes, clients: int) -> dict:
     log = Path(tempfile.mkdtemp()) / "server.log"
     server = Server({"MONET_WEIGHTS": str(weights), "MONET_UI": "false"}, log=log, root=root).wait_ready()
+    server.wait_large_ready()
     try:
         results = asyncio.run(burst(server.url, request, clients))
         metrics = httpx.get(server.url + "/metrics").text

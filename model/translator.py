@@ -80,6 +80,7 @@ class Translator:
         # server's styles) take turns with each other the same way
         self._lock = lock if lock is not None else FifoLock()
         self._generator, self._shared = generator, None  # the tiled path's copy is built on first use
+        self._large_prepared = False  # prepare_large: large paintings run in stages
         if warmup:
             self.translate_arrays(np.zeros((1, 256, 256, 3), dtype=np.uint8))
 
@@ -155,9 +156,10 @@ class Translator:
         """Paint one uint8 (H, W, 3) image whole, as ``translate_many`` paints it. One over
         ``STAGE_ABOVE_PIXELS`` runs stage by stage (model/backends.py ``generator_stages``): between two stages
         whoever waits for the model (a batch of small requests) goes first, so it waits for one stage, not the
-        whole image; ``stop()``, asked between stages, True: raise PaintingStopped."""
+        whole image; ``stop()``, asked between stages, True: raise PaintingStopped. Only once ``prepare_large``
+        was called (the service does; a CLI alone on the model gains nothing from stages)."""
         h, w = image.shape[:2]
-        staged = getattr(self._run, "staged", None)
+        staged = getattr(self._run, "staged", None) if self._large_prepared else None
         if h * w <= STAGE_ABOVE_PIXELS or staged is None:
             return self.translate_many([image])[0]
         top, bottom, left, right, mode = padding_for(h, w, self.size_multiple)
@@ -174,14 +176,24 @@ class Translator:
             raise NonFiniteOutput(_NON_FINITE)
         return _contiguous(y[0, top : top + h, left : left + w])
 
-    def prepare_large(self, wait: bool = False) -> None:
+    def prepare_large(self, wait: bool = False, then=None) -> None:
         """Get the forms of the network that large paintings use ready before the first one needs them: the
         stages (``paint_whole``) and the shared-statistics graphs of tiles (``translate_tiled``). OpenVINO converts
         them, about 10 s on 2 cores, in a background thread; until then large paintings run in one piece
-        and the first tiled one converts its graphs itself. ``wait``: return once they are ready."""
-        prepare = getattr(self._run, "prepare_stages", None)
-        if prepare is None:
+        and the first tiled one converts its graphs itself. ``wait``: return once they are ready; ``then()``
+        is called once they are (the service freezes its heap then)."""
+        self._large_prepared = True  # from now on large paintings take turns (a CLI, alone on the model, never asks)
+        convert = getattr(self._run, "prepare_stages", None)
+        if convert is None:
+            if then is not None:
+                then()
             return
+
+        def prepare():
+            convert()
+            if then is not None:
+                then()
+
         if wait:
             prepare()
         else:

@@ -37,6 +37,7 @@ def test_a_request_waiting_mid_painting_gets_the_model_at_the_next_stage():
     paints gets it after the current stage, not after the painting (the lock is FIFO: the painting takes it
     back after the request)."""
     t = Translator(small_generator(n_blocks=3), device="cpu", backend="torch", precision="fp32")
+    t.prepare_large()
     lock, events = t._lock, []
     hooks = [s.register_forward_hook(lambda *_: events.append("stage")) for s in t._run.stages()]
     image = np.asarray(photo(600, 452).convert("RGB"))
@@ -73,6 +74,7 @@ def test_a_painting_given_up_stops_between_stages():
     from model.tiling import PaintingStopped
 
     t = Translator(small_generator(n_blocks=3), device="cpu", backend="torch", precision="fp32")
+    t.prepare_large()
     asked = []
     with pytest.raises(PaintingStopped):
         t.paint_whole(np.asarray(photo(600, 452).convert("RGB")), stop=lambda: asked.append(1) or len(asked) > 2)

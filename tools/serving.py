@@ -64,6 +64,17 @@ class Server:
             raise AssertionError(f"{exc}: {self.output()}") from None
         return self
 
+    def wait_large_ready(self, timeout: float = 180) -> "Server":
+        """Wait until the default style's graphs for large paintings are converted (``/info`` painting.large_ready;
+        a server without that key, an older revision, counts as ready): a benchmark then measures the steady
+        state, not the conversion's start-up CPU."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if httpx.get(self.url + "/info").json().get("painting", {}).get("large_ready", True):
+                break
+            time.sleep(0.5)
+        return self
+
     def output(self) -> str:
         if self.log is None:
             return ""
