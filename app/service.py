@@ -83,15 +83,16 @@ class PaintingService:
         # time.monotonic() of the SIGTERM: finish what arrived before it, take nothing new
         self.drain_started = float("inf")
         self._loading: asyncio.Task | None = None
-        # small images' decodes and encodes (libjpeg-turbo, fpng and Pillow release the GIL), off the event loop
-        # where the model runs elsewhere (a GPU); on a CPU they stay on the loop: with the codec threads beside
-        # OpenVINO's on 2 cores, the server did 13.3 images/s at 256^2 where the loop did 17.8 (docs/architecture.md)
+        # small images' decodes and encodes (libjpeg-turbo, fpng and Pillow release the GIL), off the event loop:
+        # one thread per core where the model runs elsewhere (a GPU), one on a CPU. On the loop, a burst's admitted
+        # decodes held up its refusals: 300 uploads at once, the 503s' p99 135-160 ms with the codecs on the loop,
+        # 88-97 ms with one codec thread, and throughput no lower (docs/architecture.md)
         threads = settings.codec_threads
         if threads is None:
             try:
-                threads = cpu_cores() if resolve_device(settings.device).type == "cuda" else 0
+                threads = cpu_cores() if resolve_device(settings.device).type == "cuda" else 1
             except ValueError:  # CUDA asked for and absent: loading the model says so (/readyz)
-                threads = 0
+                threads = 1
         self.codecs = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="codec") if threads else None
         self.decoder = Decoder(settings.decode_budget_bytes, settings.max_pixels, settings.max_side,
                                self._on_codec_thread, metrics.decodes.inc, self.idle_release.after_burst)
