@@ -91,6 +91,10 @@ class TrainConfig:
     flip: bool = opt(True, "random horizontal flips (true/false)")
     batch_size: int = opt(1, "images per step per process")
     num_workers: int = opt(4, "data loading processes")
+    data_in_memory: str = opt("auto", "decode every image once into the device's memory and crop and flip batches "
+                              "there in one gather (no workers, no per-step decode or copy): auto (on CUDA, when "
+                              "the images are one size after --load-size and fit in 4 GiB) | on | off. The same "
+                              "batches as from disk", run=True)
     # length: `steps` wins when > 0, else epochs x steps_per_epoch (0 = one pass over the photos)
     epochs: int = opt(200, "number of epochs")
     steps_per_epoch: int = opt(0, "steps per epoch (0: one pass over the photos)")

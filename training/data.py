@@ -74,21 +74,32 @@ def scan_folder(folder: str | Path, role: str, min_side: int = 0) -> ImageSet:
     return ImageSet(root, files, len(candidates) - len(files))
 
 
-def load_image(path: Path, load_size: int, crop: int, flip: bool, rng: random.Random) -> torch.Tensor:
-    """Decode, resize to load_size (0 keeps the size), random-crop ``crop``, maybe flip; CHW uint8."""
+def decode_image(path: Path, load_size: int) -> np.ndarray:
+    """Decode to RGB, resized to ``load_size`` square (0 keeps the size): HWC uint8."""
     with Image.open(path) as img:
         if load_size:  # a JPEG twice load_size or more decodes at 1/2, 1/4 or 1/8 of its size, never below it
             img.draft("RGB", (load_size, load_size))
         img = to_rgb(img)
         if load_size and img.size != (load_size, load_size):
             img = img.resize((load_size, load_size), Image.Resampling.BICUBIC)
-        w, h = img.size
-        left, top = rng.randint(0, w - crop), rng.randint(0, h - crop)
-        if (w, h) != (crop, crop):
-            img = img.crop((left, top, left + crop, top + crop))
-        if flip and rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.asarray(img, dtype=np.uint8)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def draw_crop(rng: random.Random, width: int, height: int, crop: int, flip: bool) -> tuple[int, int, bool]:
+    """The random crop's left and top, and whether it is flipped: the draws every data path makes, in this order,
+    so the disk and the in-memory paths see the same batches."""
+    left, top = rng.randint(0, width - crop), rng.randint(0, height - crop)
+    return left, top, bool(flip and rng.random() < 0.5)
+
+
+def load_image(path: Path, load_size: int, crop: int, flip: bool, rng: random.Random) -> torch.Tensor:
+    """Decode, resize to load_size (0 keeps the size), random-crop ``crop``, maybe flip; CHW uint8."""
+    arr = decode_image(path, load_size)
+    h, w = arr.shape[:2]
+    left, top, flipped = draw_crop(rng, w, h, crop, flip)
+    arr = arr[top : top + crop, left : left + crop]
+    if flipped:
+        arr = arr[:, ::-1]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
@@ -148,3 +159,91 @@ class StepSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step) * self.batch_size
+
+
+# --- the whole data set in memory, cropped on the device (issue 35: data that keeps up with a GPU) ----------
+
+MEMORY_MAX_BYTES = 4 << 30  # "auto" keeps the decoded images on the device up to this size (6,000 of 256^2: 1.2 GB)
+
+
+class ImageBank:
+    """Every image of a folder decoded once (at ``load_size``) into one uint8 NCHW tensor, on the device; a batch
+    is then one gather (``crop``), with no decode, no worker process and no host-to-device copy per step."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+        self.height, self.width = images.shape[2], images.shape[3]
+
+    @staticmethod
+    def size_of(files: list[Path], load_size: int) -> tuple[int, int] | None:
+        """The one (width, height) every file has once loaded, or None when they differ."""
+        if load_size:
+            return load_size, load_size
+        sizes = set()
+        for f in files:
+            with Image.open(f) as img:
+                sizes.add(exif_upright_size(img))
+            if len(sizes) > 1:
+                return None
+        return sizes.pop()
+
+    @classmethod
+    def build(cls, files: list[Path], load_size: int, device: torch.device) -> "ImageBank":
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            arrays = list(pool.map(lambda f: decode_image(f, load_size), files))
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return cls(images.to(device))
+
+    def crop(self, keys: torch.Tensor, size: int) -> torch.Tensor:
+        """Rows of ``keys`` (index, left, top, flipped) -> a uint8 batch of ``size`` crops, flipped where asked: one
+        gather. The same pixels as ``load_image`` with the same draws."""
+        keys = keys.to(self.images.device, non_blocking=True)
+        index, left, top, flipped = keys.unbind(1)
+        step = torch.arange(size, device=keys.device)
+        rows = top[:, None] + step
+        cols = left[:, None] + torch.where(flipped[:, None].bool(), size - 1 - step, step)
+        channel = torch.arange(self.images.shape[1], device=keys.device)
+        return self.images[index[:, None, None, None], channel[None, :, None, None], rows[:, None, :, None],
+                           cols[:, None, None, :]]
+
+
+def exif_upright_size(img: Image.Image) -> tuple[int, int]:
+    """The size ``to_rgb`` gives: width and height swapped for EXIF orientations 5-8."""
+    orientation = img.getexif().get(0x0112, 1)
+    return (img.size[1], img.size[0]) if orientation in (5, 6, 7, 8) else img.size
+
+
+class CropKeys(Dataset):
+    """Item ``(epoch, i)``: where UnpairedDataset's item ``(epoch, i)`` comes from, as two rows (index, left, top,
+    flipped) for the photo and the painting banks, from the same draws in the same order."""
+
+    def __init__(self, photos: ImageBank, paintings: ImageBank, n_photos: int, n_paintings: int, crop: int,
+                 flip: bool, seed: int):
+        self.photos, self.paintings = photos, paintings
+        self.n_photos, self.n_paintings, self.crop, self.flip, self.seed = n_photos, n_paintings, crop, flip, seed
+
+    def __len__(self) -> int:
+        return self.n_photos
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, i = key
+        rng = random.Random(f"{self.seed}/{epoch}/{i}")
+        painting = rng.randrange(self.n_paintings)
+        photo = draw_crop(rng, self.photos.width, self.photos.height, self.crop, self.flip)
+        monet = draw_crop(rng, self.paintings.width, self.paintings.height, self.crop, self.flip)
+        return torch.tensor([[i % self.n_photos, *photo], [painting, *monet]], dtype=torch.long)
+
+
+def memory_banks(photos: ImageSet, paintings: ImageSet, load_size: int, device: torch.device, mode: str,
+                 max_bytes: int = MEMORY_MAX_BYTES) -> tuple[ImageBank, ImageBank] | str:
+    """Both folders decoded into device memory (``mode`` "on", or "auto" on CUDA), or the reason they are not
+    (a string: off, another device, images of several sizes, too large)."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return f"--data-in-memory {mode}" + (f" on {device.type}" if mode == "auto" else "")
+    sizes = [ImageBank.size_of(s.files, load_size) for s in (photos, paintings)]
+    if None in sizes:
+        return "the images are not all one size (set --load-size)"
+    total = sum(len(s.files) * 3 * w * h for s, (w, h) in zip((photos, paintings), sizes))
+    if total > max_bytes and mode == "auto":
+        return f"{total / 2**30:.1f} GiB decoded, over {max_bytes / 2**30:.0f} GiB"
+    return (ImageBank.build(photos.files, load_size, device), ImageBank.build(paintings.files, load_size, device))

@@ -19,7 +19,7 @@ from model.runtime import resolve_device, use_cpu_threads
 from model.weights import atomic_write, save_generator
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, config_from_args
-from training.data import DataError, StepSampler, UnpairedDataset, scan_folder
+from training.data import CropKeys, DataError, StepSampler, UnpairedDataset, memory_banks, scan_folder
 from training.export import export_checkpoint, training_summary
 from training.objectives import OBJECTIVES
 from training.run import RunLog, RunState, Stopper, all_agree, check_ranks_identical, quiet_worker
@@ -77,9 +77,9 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
                   "pass a higher --lr to go past it)", flush=True)
     dataset = UnpairedDataset(photos, paintings, cfg.load_size, cfg.image_size, cfg.flip, cfg.seed)
     sampler = StepSampler(len(dataset), steps_per_epoch, cfg.batch_size, cfg.seed, start, stop_at, rank, world_size)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=quiet_worker,
-                        prefetch_factor=4 if cfg.num_workers else None)
+    batches, where = data_batches(cfg, device, photos, paintings, dataset, sampler)
+    if main_rank:
+        print(f"data: {where}", flush=True)
     sample_photos = torch.stack([dataset[(0, i)][0] for i in range(min(cfg.samples, len(dataset)))])
     validator = make_validator(cfg, device, data["val_files"], paintings, nets.dtype) if main_rank else None
     log, stopper = RunLog(out, start, stop_at, enabled=main_rank), Stopper()
@@ -88,7 +88,7 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
     d_losses = [objective.loss_names.index(name) for name in objective.d_loss_names]
     out_of_time = interrupted = False
 
-    for photo_u8, monet_u8 in loader:
+    for photo_u8, monet_u8 in batches:
         running += objective.step(nets.to_input(photo_u8), nets.to_input(monet_u8))
         step, n_log = nets.step, n_log + 1
         out_of_time = state.seconds() >= budget
@@ -127,6 +127,25 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
     if main_rank:
         finish(cfg, out, nets.step, total, interrupted and out_of_time and not stopper.requested, interrupted)
     return 0
+
+
+def data_batches(cfg: TrainConfig, device: torch.device, photos, paintings, dataset: UnpairedDataset,
+                 sampler: StepSampler):
+    """The run's (photo, painting) uint8 batches in the sampler's order, and where they come from: decoded once
+    into the device's memory and cropped there (``cfg.data_in_memory``), else read from disk by loader workers.
+    Both give the same batches."""
+    banks = memory_banks(photos, paintings, cfg.load_size, device, cfg.data_in_memory)
+    if isinstance(banks, tuple):
+        keys = CropKeys(*banks, len(photos.files), len(paintings.files), cfg.image_size, cfg.flip, cfg.seed)
+        loader = DataLoader(keys, batch_size=cfg.batch_size, sampler=sampler, num_workers=0)
+        size = cfg.image_size
+        batches = ((banks[0].crop(k[:, 0], size), banks[1].crop(k[:, 1], size)) for k in loader)
+        held = sum(b.images.numel() for b in banks) / 2**30
+        return batches, f"decoded once into {device.type} memory ({held:.2f} GiB), cropped there"
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=quiet_worker,
+                        prefetch_factor=4 if cfg.num_workers else None)
+    return loader, f"read from disk by {cfg.num_workers} loader workers (in memory: no, {banks})"
 
 
 def load_data(cfg: TrainConfig) -> dict:
