@@ -8,13 +8,17 @@ Unreadable inputs are skipped with a warning and make the exit code 1 at the end
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import sys
+import time
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from model.codecs import ALPHA_FORMATS, FORMATS, paint_jpegs
 from model.backends import BACKENDS
@@ -27,6 +31,7 @@ from model.weights import SHIPPED_WEIGHTS, WeightsError, atomic_write
 
 # The CLI (not the library) honours the service's MONET_WEIGHTS, so a container converts with what it serves.
 DEFAULT_WEIGHTS = Path(os.environ.get("MONET_WEIGHTS") or SHIPPED_WEIGHTS)
+AHEAD = 2  # batches read ahead of the model, and batches whose writes may still be running behind it
 
 
 def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, Path]], list[str]]:
@@ -94,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JPEG decoding and encoding: torchvision keeps the pixels on the device (nvJPEG on CUDA) for "
                         "JPEG in and --format jpeg out; other files still go through Pillow. auto = torchvision on "
                         "CUDA with --format jpeg, else pil")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads that read, decode, encode and write images while the model paints the next batch "
+                        "(default: the number of cores, at most 8; 0: one step after the other on the main thread)")
     p.add_argument("--video-mode", choices=VIDEO_MODES, default=VIDEO_MODES[0],
                    help="clips: steady (normalisation statistics shared over each shot, unchanged pixels settled "
                         "over time: no shimmer) or per-frame (each frame painted on its own, for comparison)")
@@ -101,6 +109,115 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"clips, steady mode: weight of a shot's running statistics against each new frame's "
                         f"(0 to below 1; default {DEFAULT_SMOOTHING})")
     return p
+
+
+def _load(item: tuple[Path, Path], device_codec: bool, max_side, stroke_scale, tile) -> tuple:
+    """One input read for painting: (JPEG bytes for the device path or None, a Pillow image or None, the error
+    that made it unreadable or None)."""
+    path, _ = item
+    if device_codec:  # the device path paints whole and pixel for pixel; the plan sends the rest (a stroke scale
+        data = _read(path)  # over 1, tiles) through Pillow and Translator.paint
+        if data is not None and _batched(data, max_side, stroke_scale, tile):
+            return data, None, None
+    try:
+        return None, _open(path), None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        return None, None, exc
+
+
+def _save(target: Path, data: bytes | None, image: Image.Image | None, painting: Image.Image | None,
+          fmt: str) -> None:
+    """Write one painting (encoded bytes, or a Pillow painting to encode) whole: a temp file, then a rename."""
+    if data is not None:
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+        return
+    out = FORMATS[fmt]
+    if fmt in ALPHA_FORMATS and (alpha := alpha_channel(image, painting.size)) is not None:
+        painting = painting.copy()
+        painting.putalpha(alpha)  # a transparent photo's painting keeps its transparency
+    atomic_write(target, lambda tmp: painting.save(tmp, out.pil, **out.options))
+
+
+class _Inline:
+    """ThreadPoolExecutor's ``submit`` run at once on this thread (--workers 0)."""
+
+    def submit(self, fn, *args):
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+def convert_images(translator, files: list[tuple[Path, Path]], args, stroke_scale, device_codec: bool,
+                   workers: int, problems: list[str], bar) -> list[tuple[Path, str]]:
+    """Paint ``files`` a batch at a time; returns the (file written, name in the zip) pairs in input order.
+
+    With ``workers`` threads the reads and decodes of the next ``AHEAD`` batches and the encodes and writes of the
+    last ones run while the model paints (Pillow, libjpeg-turbo and the file system release the GIL); with 0 each
+    step waits for the one before, on this thread. Raises NonFiniteOutput, after every write already started has
+    finished (no file is left half-written)."""
+    ext = FORMATS[args.format].extension
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="convert") if workers else _Inline()
+    batches = [files[i : i + args.batch_size] for i in range(0, len(files), args.batch_size)]
+    load = functools.partial(_load, device_codec=device_codec, max_side=args.max_side, stroke_scale=stroke_scale,
+                             tile=args.tile)
+    loads = {}  # batch index -> its per-image futures, submitted AHEAD batches early
+    saves: list[tuple[list, int]] = []  # per batch: its write futures, and how many inputs it held
+    written: list[tuple[Path, str]] = []
+
+    def collect(done_batches: int) -> None:  # wait for the oldest writes until at most ``done_batches`` remain
+        while len(saves) > done_batches:
+            futures, size = saves.pop(0)
+            written.extend(f.result() for f in futures)
+            bar.update(size)
+
+    try:
+        for n, batch in enumerate(batches):
+            for ahead in range(n, min(n + 1 + AHEAD, len(batches))):
+                if ahead not in loads:
+                    loads[ahead] = [pool.submit(load, item) for item in batches[ahead]]
+            loaded = [f.result() for f in loads.pop(n)]
+            futures = []
+
+            def save(rel: Path, data=None, image=None, painting=None):
+                target = args.out / rel.with_suffix(ext)
+                futures.append(pool.submit(lambda: (_save(target, data, image, painting, args.format),
+                                                    (target, rel.with_suffix(ext).as_posix()))[1]))
+
+            jpegs = [i for i, (data, _, _) in enumerate(loaded) if data is not None]
+            if jpegs:
+                painted = paint_jpegs(translator, [loaded[i][0] for i in jpegs], args.max_side,
+                                      FORMATS[args.format].options["quality"])
+                for i, data in zip(jpegs, painted):
+                    if data is not None:
+                        save(batch[i][1], data=data)
+                        loaded[i] = (data, None, None)
+                    else:  # the device path could not take it after all (CMYK, damaged): Pillow's path
+                        loaded[i] = _load(batch[i], False, args.max_side, stroke_scale, args.tile)
+            chunk, images = [], []
+            for (path, rel), (data, image, error) in zip(batch, loaded):
+                if error is not None:
+                    problems.append(f"{path}: unreadable image ({error})")
+                    tqdm.write(f"warning: skipping {path}: unreadable image", file=sys.stderr)
+                elif image is not None:
+                    chunk.append(rel)
+                    images.append(image)
+            if images:
+                paintings = translator.translate(images, max_side=args.max_side, tile=args.tile,
+                                                 stroke_scale=stroke_scale, upsampler=args.upsampler)
+                for rel, image, painting in zip(chunk, images, paintings):
+                    save(rel, image=image, painting=painting)
+            saves.append((futures, len(batch)))
+            collect(AHEAD)
+        collect(0)
+    finally:
+        for futures in loads.values():  # an error: drop what was read ahead; let started writes finish
+            for f in futures:
+                f.cancel()
+        pool.shutdown(wait=True)
+    return written
 
 
 def paint_videos(translator, clips: list[tuple[Path, Path]], args, stroke_scale, problems: list[str]) -> list:
@@ -150,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no default weights at {DEFAULT_WEIGHTS}; train one (python -m training.fit) "
               "and pass it with --weights", file=sys.stderr)
         return 2
+    started = time.perf_counter()
     try:
         translator = Translator.from_file(args.weights, device=args.device, max_batch=args.batch_size,
                                           backend=args.backend)
@@ -162,56 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     clips = [item for item in files if is_video(item[0])]
     files = [item for item in files if not is_video(item[0])]
     args.format = args.format or ("jpeg" if args.zip is not None else "png")
-    fmt = FORMATS[args.format]
-    pil_format, ext, save_kw = fmt.pil, fmt.extension, fmt.options
     device_codec = args.format == "jpeg" and (args.codec == "torchvision" or (
         args.codec == "auto" and translator.device.type == "cuda"))
     args.out.mkdir(parents=True, exist_ok=True)
-    written: list[tuple[Path, str]] = []
-    from tqdm import tqdm
-
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    loaded = time.perf_counter()
     with tqdm(total=len(files), unit="img", disable=None) as bar:
-        for start in range(0, len(files), args.batch_size):
-            batch = files[start : start + args.batch_size]
-            if device_codec:  # JPEG in, JPEG out, pixels on the device; what it can't take goes through Pillow
-                blobs = [_read(path) for path, _ in batch]
-                # the device path paints whole and pixel for pixel; the plan sends the rest (a stroke scale over
-                # 1, tiles) through Pillow and Translator.paint
-                blobs = [b if b is not None and _batched(b, args.max_side, stroke_scale, args.tile) else None
-                         for b in blobs]
-                try:
-                    painted = paint_jpegs(translator, [b or b"" for b in blobs], args.max_side, save_kw["quality"])
-                except NonFiniteOutput as exc:
-                    print(f"error: {args.weights}: {exc}", file=sys.stderr)
-                    return 2
-                for (path, rel), data in zip(batch, painted):
-                    if data is not None:
-                        target = args.out / rel.with_suffix(ext)
-                        atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
-                        written.append((target, rel.with_suffix(ext).as_posix()))
-                batch = [item for item, data in zip(batch, painted) if data is None]
-            chunk, images = [], []
-            for path, rel in batch:
-                try:
-                    images.append(_open(path))
-                    chunk.append(rel)
-                except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-                    problems.append(f"{path}: unreadable image ({exc})")
-                    tqdm.write(f"warning: skipping {path}: unreadable image", file=sys.stderr)
-            try:
-                paintings = translator.translate(images, max_side=args.max_side, tile=args.tile,
-                                                 stroke_scale=stroke_scale, upsampler=args.upsampler)
-            except NonFiniteOutput as exc:  # nothing half-written: files so far are complete, the rest untouched
-                print(f"error: {args.weights}: {exc}", file=sys.stderr)
-                return 2
-            for rel, image, painting in zip(chunk, images, paintings):
-                if args.format in ALPHA_FORMATS and (alpha := alpha_channel(image, painting.size)) is not None:
-                    painting = painting.copy()
-                    painting.putalpha(alpha)  # a transparent photo's painting keeps its transparency
-                target = args.out / rel.with_suffix(ext)
-                atomic_write(target, lambda tmp: painting.save(tmp, pil_format, **save_kw))
-                written.append((target, rel.with_suffix(ext).as_posix()))
-            bar.update(len(files[start : start + args.batch_size]))
+        try:
+            written = convert_images(translator, files, args, stroke_scale, device_codec, workers, problems, bar)
+        except NonFiniteOutput as exc:  # nothing half-written: files so far are complete, the rest untouched
+            print(f"error: {args.weights}: {exc}", file=sys.stderr)
+            return 2
+    converted = time.perf_counter() - loaded
     try:
         videos = paint_videos(translator, clips, args, stroke_scale, problems)
     except NonFiniteOutput as exc:
@@ -226,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(written)} image(s)" + (f" and {len(videos)} clip(s)" if clips else "") + f" to {args.out}"
           + (f" and {args.zip}" if args.zip else "")
           + (f"; {len(problems)} input(s) skipped" if problems else ""))
+    if written:  # the conversion's own rate, the model's load (and its first compilation) reported apart
+        print(f"images: {len(written)} in {converted:.2f} s ({len(written) / converted:.1f} images/s); start-up "
+              f"(model load, file listing) {loaded - started:.2f} s")
     return 1 if problems else 0
 
 

@@ -87,3 +87,28 @@ def test_poisoned_weights_fail_with_one_line_and_write_nothing(tmp_path):
         assert result.returncode == 2, result.stdout
         assert result.stderr.strip().count("\n") == 0 and "non-finite" in result.stderr and name in result.stderr
         assert not list((tmp_path / "o").glob("*")) if (tmp_path / "o").exists() else True
+
+
+def test_workers_overlap_reading_and_writing_with_painting_and_write_what_one_thread_writes(tmp_path, weights_file):
+    """--workers N reads, decodes, encodes and writes on threads while the model paints (the folder conversion's
+    pipeline, issue 35): the same files, byte for byte, in the same zip order, the same skips, as --workers 0, on
+    Pillow's path and on the device-codec path (torchvision's JPEG codecs, here on the CPU)."""
+    src = tmp_path / "in"
+    make_inputs(src)
+    for i in range(9):
+        photo(36 + i, 28, seed=10 + i).save(src / f"j{i}.jpg", quality=90)
+    photo(30, 30, seed=40).convert("CMYK").save(src / "cmyk.jpg")  # the device path hands it to Pillow's
+    for codec, fmt in (("pil", "png"), ("torchvision", "jpeg")):
+        outputs = {}
+        for workers in ("0", "3"):
+            out, archive = tmp_path / f"{codec}-{workers}", tmp_path / f"{codec}-{workers}.zip"
+            r = run_module("model.translate", str(src), "--out", str(out), "--weights", str(weights_file),
+                           "--batch-size", "2", "--workers", workers, "--codec", codec, "--format", fmt,
+                           "--zip", str(archive))
+            assert r.returncode == 1, r.stderr  # broken.jpg
+            assert r.stderr.count("warning: skipping") == 1 and "broken.jpg" in r.stderr
+            assert "Traceback" not in r.stderr and not list(out.rglob("*.tmp"))
+            with zipfile.ZipFile(archive) as zf:
+                outputs[workers] = [(name, zf.read(name)) for name in zf.namelist()]
+        assert len(outputs["3"]) == 13  # 14 images, one unreadable
+        assert outputs["3"] == outputs["0"], codec
