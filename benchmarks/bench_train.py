@@ -113,8 +113,10 @@ def fit_run(root: Path, photos: str, paintings: str, steps: int, extra: list[str
         wall = time.perf_counter() - started
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records if "images_per_s" in r][1:]
-    batch = int(RECIPE[RECIPE.index("--batch-size") + 1])
-    return {"steady_steps_per_s": statistics.mean(rates) / batch, "wall_steps_per_s": steps / wall}
+    flags = RECIPE + extra
+    batch = int(flags[len(flags) - 1 - flags[::-1].index("--batch-size") + 1])  # the last --batch-size wins
+    return {"steady_steps_per_s": statistics.mean(rates) / batch, "wall_steps_per_s": steps / wall,
+            "steady_images_per_s": statistics.mean(rates)}
 
 
 def end_to_end(args) -> None:
@@ -143,8 +145,9 @@ def end_to_end(args) -> None:
     for name, figures in best.items():
         ratio = "" if name == first else (f"  {figures['steady_steps_per_s'] / best[first]['steady_steps_per_s']:.2f}x"
                                           f" steady, {figures['wall_steps_per_s'] / best[first]['wall_steps_per_s']:.2f}x whole")
-        print(f"{name:<24} {figures['steady_steps_per_s']:.3f} steps/s steady, "
-              f"{figures['wall_steps_per_s']:.3f} whole process{ratio}")
+        print(f"{name:<24} {figures['steady_steps_per_s']:.3f} steps/s steady "
+              f"({figures['steady_images_per_s']:.1f} images/s), {figures['wall_steps_per_s']:.3f} whole "
+              f"process{ratio}")
 
 
 def scan(folder: str) -> None:

@@ -160,3 +160,28 @@ def test_cuda_graphs_bookkeeping_buckets_batches_and_keeps_the_most_recent_shape
     assert keys == [(4, 32, 32), (1, 32, 32), (8, 24, 24), (4, 32, 32)]  # captured on the second sighting
     assert list(graphs.graphs) == [(8, 24, 24), (4, 32, 32)]  # at most 2 kept, least recent evicted
     assert captured[0][1].replays == 2 and captured[1][1].replays == 1
+
+
+def test_the_gpu_scripts_smoke_mode_runs_every_measurement_on_cpu(tmp_path):
+    """tools/gpu_run.sh is the one prepared call on a lent GPU (issue 35): its smoke mode runs every part here,
+    with tiny networks on tiny images, so the call does not fail on the card for a reason a CPU could show."""
+    data = tmp_path / "data"
+    for sub, n, base in (("photo", 30, 0), ("monet", 6, 100)):
+        (data / sub).mkdir(parents=True)
+        for i in range(n):
+            photo(64, 64, seed=base + i).save(data / sub / f"{i}.jpg")
+    out = tmp_path / "out"
+    env = {**__import__("os").environ, "SMOKE": "1", "OUT": str(out), "GPU_DATA": str(data)}
+    r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_run.sh"), "0.1"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    files = {p.name for p in out.iterdir()}
+    assert {"gpu.txt", "bench_model.txt", "translate.txt", "bench_train.txt", "train_speed.txt", "fit.log",
+            "best.safetensors", "val_curve.jsonl"} <= files and len(files) <= 8
+    assert "images/s" in (out / "bench_model.txt").read_text()
+    convert = (out / "translate.txt").read_text()
+    assert convert.count("conversion") == 2 and "Traceback" not in convert, convert
+    speed = (out / "train_speed.txt").read_text()
+    assert speed.count("end to end") == 4 and speed.count("--data-in-memory on") == 2, speed
+    assert "Traceback" not in speed
+    Translator.from_file(out / "best.safetensors", device="cpu")

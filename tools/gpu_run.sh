@@ -10,10 +10,15 @@
 # About 2.5 minutes of benchmarks (RUNTIMES=1 adds torch.compile max-autotune and more, several minutes),
 # then MINUTES of training plus its validation.
 # Tested on CPU with a tiny budget: SMOKE=1 OUT=/tmp/out tools/gpu_run.sh 0.2
-# Files: gpu.txt bench_model.txt translate.txt bench_train.txt fit.log best.safetensors val_curve.jsonl (7 of 8).
+# Issue 35's figures: inference by batch up to 512 (bench_model), the folder conversion with its pipeline
+# against one step after the other (bench_convert), and the CUT recipe's training images/s at 128^2 (batch 8
+# and 32) and at 256^2 with --discriminator both, batches from disk against decoded once into GPU memory
+# (train_speed.txt; TRAIN_SPEED=0 skips it, about 3 minutes).
+# Files: gpu.txt bench_model.txt translate.txt bench_train.txt train_speed.txt fit.log best.safetensors
+# val_curve.jsonl (8 of 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-minutes=${1:-3}
+minutes=${1:-2}
 out=${OUT:?set OUT to the folder whose files come back}
 data=${GPU_DATA:-.data/gpu}
 run=runs/gpu_fit
@@ -21,15 +26,22 @@ mkdir -p "$out"
 rm -rf "$run"
 small=()
 bench_small=()
-model_args=(--seconds 4 --batches 1,16,32,64,128)
+speed_shapes=("--image-size 128 --batch-size 8" "--image-size 128 --batch-size 32"
+              "--image-size 256 --load-size 0 --discriminator both --batch-size 8")
+speed_args=(--num-workers 8)
+speed_steps=${SPEED_STEPS:-150}
+model_args=(--seconds 4 --batches 1,16,64,128,256,512)
 [ "${RUNTIMES:-0}" = 1 ] && model_args+=(--runtimes)
-n_files=${TRANSLATE_FILES:-100000}
+n_files=${TRANSLATE_FILES:-2000}
 weights=weights/photo2monet.safetensors
 if [ "${SMOKE:-0}" = 1 ]; then  # a CPU check of this script: tiny networks and crops
   small=(--ngf 8 --n-blocks 1 --ndf 8 --image-size 64 --batch-size 2 --num-workers 0 --eval-every 10 --steps 20)
   bench_small=(--small --image-size 64)
   model_args=(--seconds 0.5 --batches 1,2)
   n_files=16
+  speed_shapes=("--image-size 32 --batch-size 2" "--image-size 32 --batch-size 4")
+  speed_args=(--ngf 8 --n-blocks 1 --ndf 8 --num-workers 0)
+  speed_steps=4
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 
@@ -38,16 +50,25 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1 || e
 # (bench_server needs FastAPI, which the GPU machine lacks: it runs unchanged wherever the service is installed.)
 python -m benchmarks.bench_model --weights "$weights" "${model_args[@]}" > "$out/bench_model.txt" 2>&1 || true
 
-# 2. the Kaggle use: a folder of JPEG photos to a zip of JPEG paintings (nvJPEG decode and encode on CUDA)
-mapfile -t inputs < <(find "$data/photo" -name '*.jpg' | sort | head -n "$n_files")
-start=$(date +%s%N)
-python -m model.translate "${inputs[@]}" --weights "$weights" --out /tmp/monet_out --format jpeg \
-  --batch-size 64 --zip /tmp/monet_out.zip > "$out/translate.txt" 2>&1 || true
-echo "${#inputs[@]} files in $(( ($(date +%s%N) - start) / 1000000 )) ms, model load included" >> "$out/translate.txt"
+# 2. the Kaggle use: a folder of JPEG photos to a zip of JPEG paintings (nvJPEG decode and encode on CUDA), reads
+# and writes on threads beside the model against one step after the other; the model load reported apart
+python -m benchmarks.bench_convert --photos "$data/photo" --files "$n_files" --repeats 1 > "$out/translate.txt" 2>&1 || true
 
 # 3. training speed per preset against a reference-style step
 python -m benchmarks.bench_train --presets cpu,cyclegan --models cyclegan,fastcut --steps "${BENCH_STEPS:-10}" \
   "${bench_small[@]}" > "$out/bench_train.txt" 2>&1 || true
+
+# 3b. issue 35: the CUT recipe (projected D, DiffAugment, EMA) end to end, from disk against in GPU memory
+if [ "${TRAIN_SPEED:-1}" = 1 ]; then
+  for shape in "${speed_shapes[@]}"; do
+    for mem in off on; do
+      python -m benchmarks.bench_train --end-to-end --photos "$data/photo" --paintings "$data/monet" \
+        --steps "$speed_steps" --repeats 1 \
+        --fit-args "--model cut --discriminator projected ${speed_args[*]} $shape --data-in-memory $mem" \
+        >> "$out/train_speed.txt" 2>&1 || true
+    done
+  done
+fi
 
 # 4. the winning recipe (docs/experiments.md) at full scale: the paper's 9-block generator, 256x256 crops of
 # 286x286 resizes, batch 8 (lr scaled by sqrt(8)), a fixed 10,000-step schedule cut off by --max-minutes
