@@ -155,3 +155,29 @@ def test_the_sqrt_batch_rule_is_capped_where_gan_steps_diverged():
     lr, capped = scaled_lr(1e-4, 32)
     assert capped and lr == MAX_SCALED_LR == 3e-4
     assert scaled_lr(5e-4, 32) == (5e-4, True)  # a higher base: the user's choice is the cap
+
+
+def test_a_compiled_cut_step_gives_the_eager_steps_losses():
+    """--compile true (torch.compile of G with its MLP heads and of D; the GPU's lever against kernel launches,
+    issue 35) learns what the eager step learns: the same losses over three steps from the same seed and batches,
+    patch sampling and augmentations included (fp32 here; within 1e-2 for the compilers' reordered sums)."""
+    from training.config import preset_config
+    from training.objectives import OBJECTIVES
+
+    def losses(compiled: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        cfg = preset_config("cut-gpu", photos="x", paintings="y", out="unused", discriminator="patch", image_size=32,
+                            batch_size=2, ngf=8, n_blocks=1, ndf=8, compile_norm="off", precision="fp32",
+                            compile=compiled)
+        objective = OBJECTIVES[cfg.model](cfg, torch.device("cpu"), 100)
+        data = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(3):
+            photo, monet = (torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=data) for _ in "pm")
+            out.append(objective.step(objective.nets.to_input(photo), objective.nets.to_input(monet)))
+        return torch.stack(out)
+
+    eager, compiled = losses(False), losses(True)
+    assert eager.shape == (3, 3) and torch.isfinite(eager).all()
+    torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
+    assert not torch.equal(eager[0], eager[2])  # the losses moved: three real steps were compared
