@@ -66,8 +66,8 @@ class Settings(BaseSettings):
                                                     "over 1 comes back to full size")
     codec_threads: int | None = Field(None, ge=0, le=64, description="threads that decode and encode uploads up "
                                       "to 512x512, off the event loop (0: on the loop). Default: one per core when "
-                                      "the model runs on a GPU, one on a CPU (on the loop, a burst's decodes delay "
-                                      "its refusals)")
+                                      "the model runs on a GPU; on a CPU one, used only during a burst (over twice "
+                                      "max_batch_size admitted), when decodes on the loop would delay its refusals")
     default_format: OutputFormat = Field("png", description="output format when neither ?format= nor the Accept "
                                          "header chooses")
     ui: bool = Field(True, description="mount the Gradio UI at /ui")

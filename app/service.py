@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.batcher import Batcher, IdleRelease, Large, Timing
@@ -26,7 +28,8 @@ from app.jobs import Jobs
 from app.observability import Metrics
 from model.images import fitted_size, split_alpha
 from model.plan import plan_painting
-from model.runtime import cpu_cores, resolve_device
+from model.stroke import enlarge, shrink
+from model.runtime import cpu_cores, release_free_memory, resolve_device
 from model.translator import FifoLock, Translator
 
 log = logging.getLogger("monet.service")
@@ -52,6 +55,9 @@ class Painting:
         t = self.timing
         return (f"decode;dur={self.decode_ms:.1f}, queue;dur={t.queue_ms:.1f}, compute;dur={t.compute_ms:.1f}, "
                 f"encode;dur={self.encode_ms:.1f}")
+
+
+CALIBRATION_SIZE = (4000, 3000)  # a phone photo: the large lane's first rate is timed on one (12 MP)
 
 
 def freeze_heap() -> None:
@@ -84,15 +90,20 @@ class PaintingService:
         self.drain_started = float("inf")
         self._loading: asyncio.Task | None = None
         # small images' decodes and encodes (libjpeg-turbo, fpng and Pillow release the GIL), off the event loop:
-        # one thread per core where the model runs elsewhere (a GPU), one on a CPU. On the loop, a burst's admitted
-        # decodes held up its refusals: 300 uploads at once, the 503s' p99 135-160 ms with the codecs on the loop,
-        # 88-97 ms with one codec thread, and throughput no lower (docs/architecture.md)
+        # on one thread per core where the model runs elsewhere (a GPU). On a CPU, on the loop while the service is
+        # calm (a thread hop beside OpenVINO's threads cost a tenth of 256^2 throughput) and on one thread during a
+        # burst (over twice a batch admitted), where the decodes on the loop held up the burst's refusals: 300
+        # uploads at once, the 503s' p99 124-128 ms against 70 ms (docs/service.md)
         threads = settings.codec_threads
+        self._codecs_in_bursts_only = threads is None
         if threads is None:
             try:
-                threads = cpu_cores() if resolve_device(settings.device).type == "cuda" else 1
+                cuda = resolve_device(settings.device).type == "cuda"
             except ValueError:  # CUDA asked for and absent: loading the model says so (/readyz)
-                threads = 1
+                cuda = False
+            threads = cpu_cores() if cuda else 1
+            self._codecs_in_bursts_only = not cuda
+        self._burst_from = 2 * settings.max_batch_size
         self.codecs = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="codec") if threads else None
         self.decoder = Decoder(settings.decode_budget_bytes, settings.max_pixels, settings.max_side,
                                self._on_codec_thread, metrics.decodes.inc, self.idle_release.after_burst)
@@ -170,7 +181,51 @@ class PaintingService:
         # the default style's stages and tile graphs for large paintings, in the background (other styles convert
         # theirs when their first large painting needs them: each conversion keeps memory in OpenVINO for good,
         # and a catalogue that loads and unloads styles would pay it on every load)
-        t.prepare_large(then=freeze_heap)
+        loop = asyncio.get_running_loop()
+
+        def large_ready() -> None:  # in the background thread that prepared the large paintings' graphs
+            self._time_a_large_painting(t, batcher, loop)
+            freeze_heap()
+
+        t.prepare_large(then=large_ready)
+
+    def _time_a_large_painting(self, translator: Translator, batcher: Batcher, loop) -> None:
+        """The large lane's first estimate, before any real large painting: a synthetic 12 MP photo through the
+        large path (decode, shrink, painting by the default plan, upsampling back, encode), the network's share
+        timed apart (``LargeCost``). Without it, a burst of large uploads that arrived before the first one was
+        painted was admitted by count alone, and the last of them answered 503 only at their deadline (issue 34,
+        item 1: 16 uploads of 6000x6000, five 503s after 30 s)."""
+        s = self.settings
+        try:
+            width, height = CALIBRATION_SIZE
+            y, x = np.mgrid[0:height, 0:width]
+            noise = np.random.default_rng(0).integers(0, 40, (height, width, 1), dtype=np.uint8)
+            pixels = ((np.stack([x * 200 // width, y * 200 // height, (x + y) * 100 // (width + height)], -1)
+                       + noise).astype(np.uint8))
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+            del pixels, x, y, noise
+            started = time.perf_counter()
+            with Image.open(io.BytesIO(buf.getvalue())) as img:
+                image = np.asarray(img.convert("RGB"))
+            plan = plan_painting(width, height, None, s.tile, s.max_side)
+            small = shrink(image, plan.painted)
+            network = time.perf_counter()
+            painting = (translator.translate_tiled(small, plan.tile) if plan.tiled
+                        else translator.paint_whole(small))
+            network = time.perf_counter() - network
+            encode_blend(image, enlarge(painting, image, s.upsampler), 1.0, s.default_format)
+            seconds = time.perf_counter() - started
+            del image, painting, small, buf
+            painted = plan.painted[0] * plan.painted[1]
+            per_painted_mp, per_mp = network / (painted / 1e6), (seconds - network) / (width * height / 1e6)
+            loop.call_soon_threadsafe(batcher.calibrate_large, per_painted_mp, per_mp, width * height, painted)
+            log.info("a %dx%d photo took %.2f s to paint, %.2f s of it in the network at %dx%d (the large "
+                     "paintings' first estimate)", width, height, seconds, network, *plan.painted)
+        except Exception:  # noqa: BLE001 -- an estimate, not a service: without it, the first real painting sets it
+            log.exception("timing a large painting failed")
+        finally:
+            release_free_memory()
 
     async def reload(self, why: str) -> dict:
         """Read the styles again (app/catalogue.py); what changed and what was refused."""
@@ -244,10 +299,11 @@ class PaintingService:
         started = time.perf_counter()
         opened = self.decoder.open(data)  # the header only: microseconds
         # batched or not does not depend on the EXIF rotation, which the decode applies
-        batched = plan_painting(*opened.image.size, stroke_scale, s.tile, s.max_side).batched
+        plan = plan_painting(*opened.image.size, stroke_scale, s.tile, s.max_side)
+        batched = plan.batched
         w, h = fitted_size(opened.image.size, s.max_side)
         try:  # refused now, before the decode, if the work ahead would keep it past its deadline
-            slot.expect(w * h, not batched, s.request_timeout_s)
+            slot.expect(w * h, not batched, s.request_timeout_s, plan.painted[0] * plan.painted[1])
         except Busy:
             opened.image.close()
             raise
@@ -288,6 +344,10 @@ class PaintingService:
                         raise ClientClosed("the client closed the connection before its painting was ready")
                     computed = time.perf_counter()
                     body = await run_in_threadpool(encode_blend, image, result, strength, fmt, alpha)
+                    # the lane's estimate learns its time in the server from decode to answer, queue wait left out
+                    self.batcher.observe_large(decoded - started + timing.compute_ms / 1000
+                                               + time.perf_counter() - computed, w * h,
+                                               plan.painted[0] * plan.painted[1])
         except asyncio.TimeoutError:
             opened.image.close()
             raise Busy("the server is busy with other large images; retry shortly") from None
@@ -298,7 +358,9 @@ class PaintingService:
         """``fn(*args)`` for a small image's decode or encode: on the codec threads when there are any (the
         event loop's own time per request is the ceiling of the process when the model runs on a GPU, and a
         256x256 decode and PNG encode took two thirds of it on the loop; ``run_in_executor`` is one hop, a
-        fraction of anyio's ``to_thread``), else on the loop (MONET_CODEC_THREADS, docs/architecture.md)."""
-        if self.codecs is None:
+        fraction of anyio's ``to_thread``), else on the loop; on a CPU by default only during a burst
+        (MONET_CODEC_THREADS, docs/architecture.md)."""
+        if self.codecs is None or (self._codecs_in_bursts_only and (
+                self.batcher is None or self.batcher.admitted <= self._burst_from)):
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.codecs, fn, *args)

@@ -181,17 +181,17 @@ class Translator:
         stages (``paint_whole``) and the shared-statistics graphs of tiles (``translate_tiled``). OpenVINO converts
         them, about 10 s on 2 cores, in a background thread; until then large paintings run in one piece
         and the first tiled one converts its graphs itself. ``wait``: return once they are ready; ``then()``
-        is called once they are (the service freezes its heap then)."""
+        is called once they are, in the same thread (the service times a large painting and freezes its heap
+        then); ``large_ready`` is true once both are done."""
         self._large_prepared = True  # from now on large paintings take turns (a CLI, alone on the model, never asks)
         convert = getattr(self._run, "prepare_stages", None)
-        if convert is None:
-            if then is not None:
-                then()
+        if convert is None and then is None:
             return
 
         def prepare():
-            convert()
-            if then is not None:
+            if convert is not None:
+                convert()
+            if then is not None:  # in the background too where nothing converts (the service times a painting)
                 then()
 
         if wait:

@@ -2,14 +2,14 @@
 would pass its deadline is refused at once with Retry-After; the others are admitted. The real Batcher."""
 import pytest
 
-from app.batcher import ADMIT_SHARE, Batcher, WaitTooLong
+from app.batcher import ADMIT_SHARE, Batcher, LargeCost, WaitTooLong
 
 
 def test_admission_counts_the_work_ahead_against_the_deadline():
     b = Batcher(None, max_batch=4, max_wait_s=0.01, queue_size=100)
     with b.slot() as first:
         first.expect(4_000_000, False, 10.0)  # no rate measured yet: admitted by count alone
-    assert b.waiting_mp["batch"] == 0  # its slot closed: its work is gone
+    assert b.waiting_s["batch"] == 0  # its slot closed: its work is gone
     b.rates["batch"].observe(2.0, 1.0)  # 2 s per megapixel
     held = []
     try:
@@ -18,7 +18,7 @@ def test_admission_counts_the_work_ahead_against_the_deadline():
             slot = ctx.__enter__()
             held.append(ctx)
             slot.expect(1_000_000, False, 10.0)
-        assert b.waiting_mp["batch"] == pytest.approx(4.0)
+        assert b.waiting_s["batch"] == pytest.approx(8.0)  # seconds
         with b.slot() as late, pytest.raises(WaitTooLong) as refused:
             late.expect(1_000_000, False, 10.0)
         assert refused.value.retry_after >= 1 and "deadline" in refused.value.detail
@@ -27,7 +27,94 @@ def test_admission_counts_the_work_ahead_against_the_deadline():
     finally:
         for ctx in held:
             ctx.__exit__(None, None, None)
-    assert b.waiting_mp == {"batch": 0.0, "large": 0.0} and b.admitted == 0
+    assert b.waiting_s == {"batch": 0.0, "large": 0.0} and b.admitted == 0
     with b.slot() as again:
         again.expect(1_000_000, False, 10.0)  # the work ahead left: admitted
     assert ADMIT_SHARE < 1
+
+
+def test_a_large_paintings_estimate_has_a_part_for_the_network_and_a_part_for_the_photos_pixels():
+    """At the default stroke scale the network paints about one megapixel whatever the photo, while the decode,
+    the upsampling and the encode follow the photo's pixels: a 36 MP photo is not three times a 12 MP one."""
+    cost = LargeCost()
+    assert cost.estimate(12_000_000, 750_000) is None  # nothing timed yet
+    cost.calibrate(per_painted_mp=0.8, per_mp=0.05)  # as timed at start on a 12 MP photo painted at 0.75 MP
+    assert cost.estimate(12_000_000, 750_000) == pytest.approx(0.6 + 0.6)
+    assert cost.estimate(36_000_000, 1_000_000) == pytest.approx(0.8 + 1.8)  # 2.6 s, not 3 x 1.2
+    for _ in range(20):  # real paintings take twice the estimate: the estimate follows them
+        cost.observe(2 * 2.6, 36_000_000, 1_000_000)
+    assert cost.estimate(36_000_000, 1_000_000) == pytest.approx(5.2, rel=0.01)
+    first = LargeCost()
+    first.observe(3.0, 30_000_000, 1_000_000)  # no timing at start: one rate from the first painting
+    assert first.estimate(30_000_000, 1_000_000) == pytest.approx(3.0)
+
+
+def test_a_burst_of_large_photos_is_admitted_while_it_fits_the_deadline_and_refused_at_once_after():
+    b = Batcher(None, max_batch=4, max_wait_s=0.01, queue_size=64)
+    b.large_cost.calibrate(per_painted_mp=0.8, per_mp=0.05)  # 2.6 s a 36 MP photo
+    admitted, refused, held = 0, [], []
+    try:
+        for _ in range(16):
+            ctx = b.slot()
+            slot = ctx.__enter__()
+            held.append(ctx)
+            try:
+                slot.expect(36_000_000, True, 30.0, painted=1_000_000)
+                admitted += 1
+            except WaitTooLong as exc:
+                refused.append(exc.retry_after)
+    finally:
+        for ctx in held:
+            ctx.__exit__(None, None, None)
+    assert admitted == int(30.0 * ADMIT_SHARE // 2.6)  # 9 x 2.6 s = 23.4 s fits the 24 s share, a 10th does not
+    assert len(refused) == 16 - admitted and all(r >= 1 for r in refused)
+
+
+def test_the_real_server_refuses_a_burst_of_large_photos_at_admission_and_paints_the_rest(tmp_path):
+    """Issue 34, item 1, against the real server: before any large painting, the service has timed one at start
+    (its first estimate is in /metrics); a burst of 12 MP photos sized from that estimate to be about 1.5 times
+    what fits the deadline is split into paintings (200) and refusals at admission by expected wait (503 with
+    Retry-After, counted by monet_refused_by_wait_total{lane="large"}), never a late 503 or a 504."""
+    import io
+    import math
+    import re
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from model.weights import save_generator
+    from tests.conftest import Server, photo, small_generator
+
+    weights = tmp_path / "g.safetensors"
+    save_generator(weights, small_generator(ngf=16, n_blocks=2))
+    deadline_s = 12.0
+    srv = Server(weights, ui="false", request_timeout_s=deadline_s).wait_ready()
+    try:
+        ready_by = time.time() + 180
+        while not httpx.get(srv.url + "/info").json()["painting"]["large_ready"] and time.time() < ready_by:
+            time.sleep(0.3)
+        metrics = httpx.get(srv.url + "/metrics").text
+        rate = float(re.search(r'^monet_seconds_per_megapixel\{lane="large"\} (\S+)$', metrics, re.M).group(1))
+        assert rate > 0  # timed at start, before any large request
+        buf = io.BytesIO()
+        photo(4000, 3000, seed=1).save(buf, "JPEG", quality=90)
+        body = buf.getvalue()
+        n = min(40, math.ceil(1.5 * ADMIT_SHARE * deadline_s / (rate * 12)) + 2)
+
+        def one(_):
+            return httpx.post(srv.url + "/translate", content=body, headers={"content-type": "image/jpeg"},
+                              params={"format": "jpeg"}, timeout=120)
+
+        with ThreadPoolExecutor(n) as pool:
+            answers = list(pool.map(one, range(n)))
+        statuses = [r.status_code for r in answers]
+        refusals = [r for r in answers if r.status_code == 503]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(200) >= 1 and refusals, statuses
+        assert all(int(r.headers["retry-after"]) >= 1 and "deadline" in r.json()["detail"] for r in refusals)
+        metrics = httpx.get(srv.url + "/metrics").text
+        by_wait = float(re.search(r'^monet_refused_by_wait_total\{lane="large"\} (\S+)$', metrics, re.M).group(1))
+        assert by_wait == len(refusals)  # every refusal at admission, none at the deadline
+    finally:
+        srv.stop()
