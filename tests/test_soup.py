@@ -40,6 +40,9 @@ def test_greedy_keeps_an_ingredient_only_when_the_average_validates_better():
     assert kept == ["near_1", "near_2"] and best["kid"] < score(near_1)["kid"]
     kept, _ = greedy({"near_1": near_1, "near_2": near_2}, score, texture_limit=-1.0, say=lambda s: None)
     assert kept == ["near_1"]  # a texture KID over the limit keeps an ingredient out however good its KID
+    recorded = {"far": {"kid": -1.0, "texture_kid": 0.0}}  # figures known beforehand are taken, not measured
+    kept, _ = greedy({"near_1": near_1, "far": far}, score, texture_limit=1.0, say=lambda s: None, known=recorded)
+    assert kept[0] == "far"
 
 
 def test_the_command_writes_a_soup_no_worse_than_its_best_ingredient_by_validation(tmp_path):

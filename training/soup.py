@@ -46,10 +46,12 @@ def label(path: Path) -> str:
     return "/".join(Path(path).resolve().parts[-3:])
 
 
-def greedy(candidates: dict[str, nn.Module], score, texture_limit: float, say=print) -> tuple[list[str], dict]:
+def greedy(candidates: dict[str, nn.Module], score, texture_limit: float, say=print,
+           known: dict[str, dict] | None = None) -> tuple[list[str], dict]:
     """The greedy soup: ``score(generator) -> {"kid", "texture_kid"}``; returns the kept names (best first) and
-    the soup's scores."""
-    scores = {name: score(g) for name, g in candidates.items()}
+    the soup's scores. ``known``: candidates' scores already measured on the same photos (not scored again)."""
+    known = known or {}
+    scores = {name: known[name] if name in known else score(g) for name, g in candidates.items()}
     for name, s in scores.items():
         say(f"  {name}: KID {s['kid']:.5f}, texture KID {s['texture_kid']:.4f}")
     order = sorted(scores, key=lambda n: scores[n]["kid"])
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-photos", type=Path, default=None, help="validation photos (default: the split of --photos)")
     p.add_argument("--out", type=Path, required=True, help="where the soup is written (.safetensors)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--recorded", action="store_true", help="take a candidate's own figures from its file (the "
+                   "val_kid and val_texture_kid training.fit records in RUN_DIR/validated/) instead of scoring it "
+                   "again: only for candidates validated on these same photos")
     args = p.parse_args(argv)
     from model.runtime import autocast_dtype, resolve_device
     from training.baselines import colour_transfer, lab_statistics
@@ -87,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         labels = [label(path) for path in args.candidates]
         if len(set(labels)) != len(labels):
             raise DataError("a candidate is named twice")
-        candidates = {name: load_generator(path)[0] for name, path in zip(labels, args.candidates)}
+        candidates, known = {}, {}
+        for name, path in zip(labels, args.candidates):
+            candidates[name], info = load_generator(path)
+            recorded = info.training or {}
+            if args.recorded and "val_kid" in recorded and "val_texture_kid" in recorded:
+                known[name] = {"kid": float(recorded["val_kid"]), "texture_kid": float(recorded["val_texture_kid"])}
         average(list(candidates.values()))  # one architecture, or a one-line error now
         if args.val_photos:
             val = scan_folder(args.val_photos, "validation photos").files
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     colour_kid = kid(validator.features(colour), validator.real_features)[0]
     print(f"{len(candidates)} candidates on {len(val)} validation photos; colour transfer: KID {colour_kid:.5f}, "
           f"texture KID {limit:.4f} (the soup's texture KID must stay under it)", flush=True)
-    kept, best = greedy(candidates, validator.scores, limit, say=lambda s: print(s, flush=True))
+    kept, best = greedy(candidates, validator.scores, limit, say=lambda s: print(s, flush=True), known=known)
     soup = average([candidates[n] for n in kept])
     save_generator(args.out, soup, training={"soup": kept, "val_kid": best["kid"],
                                              "val_texture_kid": best["texture_kid"]})
