@@ -324,7 +324,7 @@ class Batcher:
         self.translator, self.max_batch, self.max_wait_s = translator, max_batch, max_wait_s
         self.translators = translators or (lambda: [translator] if translator is not None else [])
         self.queue_size, self.admitted = queue_size, 0
-        self.rates = {"batch": WorkRate(), "large": WorkRate()}  # measured seconds per megapixel, per lane
+        self.rates = {"batch": WorkRate()}  # the batches' measured seconds per megapixel (large: ``large_cost``)
         self.large_cost = LargeCost()  # a large painting's seconds, from its size and painted size
         self.waiting_s = {"batch": 0.0, "large": 0.0}  # admitted work whose painting has not started, in seconds
         self.queue = FairQueue()  # bounded by admission
@@ -463,13 +463,15 @@ class Batcher:
         """The large lane's first estimate (``LargeCost.calibrate``), from a timed painting of ``pixels`` painted
         at ``painted``."""
         self.large_cost.calibrate(per_painted_mp, per_mp)
-        if self.metrics is not None:
-            self.metrics.seconds_per_megapixel.labels("large").set(
-                self.large_cost.estimate(pixels, painted) / (pixels / 1e6))
+        self._show_large_rate(pixels, painted)
 
     def observe_large(self, seconds: float, pixels: int, painted: int) -> None:
         """A large painting's whole time in the server, decode to encoded answer (its queue wait left out)."""
         self.large_cost.observe(seconds, pixels, painted)
+        self._show_large_rate(pixels, painted)
+
+    def _show_large_rate(self, pixels: int, painted: int) -> None:
+        """monet_seconds_per_megapixel{lane="large"}: the estimate for a photo like the last one timed."""
         if self.metrics is not None and (estimate := self.large_cost.estimate(pixels, painted)) is not None:
             self.metrics.seconds_per_megapixel.labels("large").set(estimate / (pixels / 1e6))
 

@@ -95,7 +95,7 @@ class PaintingService:
         # it) and on one thread during a burst (over twice a batch admitted), where the decodes on the loop held up
         # the burst's refusals: 300 uploads at once, the 503s' p99 129-138 ms against 87-104 ms (docs/service.md)
         threads = settings.codec_threads
-        self._codecs_in_bursts_only = threads is None
+        self._codecs_in_bursts_only = False  # an operator's MONET_CODEC_THREADS: always on its threads
         if threads is None:
             try:
                 cuda = resolve_device(settings.device).type == "cuda"

@@ -125,17 +125,21 @@ def _load(item: tuple[Path, Path], device_codec: bool, max_side, stroke_scale, t
         return None, None, exc
 
 
-def _save(target: Path, data: bytes | None, image: Image.Image | None, painting: Image.Image | None,
-          fmt: str) -> None:
-    """Write one painting (encoded bytes, or a Pillow painting to encode) whole: a temp file, then a rename."""
+def _save(out: Path, rel: Path, fmt: str, data: bytes | None = None, image: Image.Image | None = None,
+          painting: Image.Image | None = None) -> tuple[Path, str]:
+    """Write one painting (encoded bytes, or a Pillow painting to encode) whole, a temp file then a rename, to
+    ``out/rel`` with ``fmt``'s extension; returns (the file, its name in the zip)."""
+    kind = FORMATS[fmt]
+    name = rel.with_suffix(kind.extension)
+    target = out / name
     if data is not None:
         atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
-        return
-    out = FORMATS[fmt]
+        return target, name.as_posix()
     if fmt in ALPHA_FORMATS and (alpha := alpha_channel(image, painting.size)) is not None:
         painting = painting.copy()
         painting.putalpha(alpha)  # a transparent photo's painting keeps its transparency
-    atomic_write(target, lambda tmp: painting.save(tmp, out.pil, **out.options))
+    atomic_write(target, lambda tmp: painting.save(tmp, kind.pil, **kind.options))
+    return target, name.as_posix()
 
 
 class _Inline:
@@ -158,7 +162,6 @@ def convert_images(translator, files: list[tuple[Path, Path]], args, stroke_scal
     last ones run while the model paints (Pillow, libjpeg-turbo and the file system release the GIL); with 0 each
     step waits for the one before, on this thread. Raises NonFiniteOutput, after every write already started has
     finished (no file is left half-written)."""
-    ext = FORMATS[args.format].extension
     pool = ThreadPoolExecutor(workers, thread_name_prefix="convert") if workers else _Inline()
     batches = [files[i : i + args.batch_size] for i in range(0, len(files), args.batch_size)]
     load = functools.partial(_load, device_codec=device_codec, max_side=args.max_side, stroke_scale=stroke_scale,
@@ -181,10 +184,8 @@ def convert_images(translator, files: list[tuple[Path, Path]], args, stroke_scal
             loaded = [f.result() for f in loads.pop(n)]
             futures = []
 
-            def save(rel: Path, data=None, image=None, painting=None):
-                target = args.out / rel.with_suffix(ext)
-                futures.append(pool.submit(lambda: (_save(target, data, image, painting, args.format),
-                                                    (target, rel.with_suffix(ext).as_posix()))[1]))
+            def save(rel: Path, **painted):
+                futures.append(pool.submit(functools.partial(_save, args.out, rel, args.format, **painted)))
 
             jpegs = [i for i, (data, _, _) in enumerate(loaded) if data is not None]
             if jpegs:

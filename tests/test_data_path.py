@@ -31,7 +31,7 @@ def test_the_device_crops_are_the_disk_paths_batches_pixel_for_pixel(wide_folder
     disk = UnpairedDataset(photos, paintings, load_size, crop, True, seed=3)
     banks = memory_banks(photos, paintings, load_size, torch.device("cpu"), "on")
     assert isinstance(banks, tuple), banks
-    keys = CropKeys(*banks, len(photos.files), len(paintings.files), crop, True, seed=3)
+    keys = CropKeys(*banks, crop, True, seed=3)
     sampler = StepSampler(len(disk), steps_per_epoch=3, batch_size=4, seed=3, total_steps=6)
     order = list(sampler)
     flips = 0

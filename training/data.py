@@ -217,21 +217,20 @@ class CropKeys(Dataset):
     """Item ``(epoch, i)``: where UnpairedDataset's item ``(epoch, i)`` comes from, as two rows (index, left, top,
     flipped) for the photo and the painting banks, from the same draws in the same order."""
 
-    def __init__(self, photos: ImageBank, paintings: ImageBank, n_photos: int, n_paintings: int, crop: int,
-                 flip: bool, seed: int):
+    def __init__(self, photos: ImageBank, paintings: ImageBank, crop: int, flip: bool, seed: int):
         self.photos, self.paintings = photos, paintings
-        self.n_photos, self.n_paintings, self.crop, self.flip, self.seed = n_photos, n_paintings, crop, flip, seed
+        self.crop, self.flip, self.seed = crop, flip, seed
 
     def __len__(self) -> int:
-        return self.n_photos
+        return len(self.photos.images)
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         epoch, i = key
         rng = random.Random(f"{self.seed}/{epoch}/{i}")
-        painting = rng.randrange(self.n_paintings)
+        painting = rng.randrange(len(self.paintings.images))
         photo = draw_crop(rng, self.photos.width, self.photos.height, self.crop, self.flip)
         monet = draw_crop(rng, self.paintings.width, self.paintings.height, self.crop, self.flip)
-        return torch.tensor([[i % self.n_photos, *photo], [painting, *monet]], dtype=torch.long)
+        return torch.tensor([[i % len(self), *photo], [painting, *monet]], dtype=torch.long)
 
 
 def memory_banks(photos: ImageSet, paintings: ImageSet, load_size: int, device: torch.device, mode: str,

@@ -136,7 +136,7 @@ def data_batches(cfg: TrainConfig, device: torch.device, photos, paintings, data
     Both give the same batches."""
     banks = memory_banks(photos, paintings, cfg.load_size, device, cfg.data_in_memory)
     if isinstance(banks, tuple):
-        keys = CropKeys(*banks, len(photos.files), len(paintings.files), cfg.image_size, cfg.flip, cfg.seed)
+        keys = CropKeys(*banks, cfg.image_size, cfg.flip, cfg.seed)
         loader = DataLoader(keys, batch_size=cfg.batch_size, sampler=sampler, num_workers=0)
         size = cfg.image_size
         batches = ((banks[0].crop(k[:, 0], size), banks[1].crop(k[:, 1], size)) for k in loader)
