@@ -333,6 +333,7 @@ class PaintingService:
         try:
             # a large painting keeps the model's memory in use from its decode to its answer (IdleRelease)
             async with self.large_budget.hold(cost, s.request_timeout_s):
+                held = time.perf_counter()  # its work starts here: the wait for the budget is queueing, not work
                 with self.idle_release.working():
                     image, alpha = split_alpha(await self.decoder.decode(opened, s.request_timeout_s,
                                                                          fmt in ALPHA_FORMATS))
@@ -344,8 +345,10 @@ class PaintingService:
                         raise ClientClosed("the client closed the connection before its painting was ready")
                     computed = time.perf_counter()
                     body = await run_in_threadpool(encode_blend, image, result, strength, fmt, alpha)
-                    # the lane's estimate learns its time in the server from decode to answer, queue wait left out
-                    self.batcher.observe_large(decoded - started + timing.compute_ms / 1000
+                    # the lane's estimate learns its time in the server from decode to answer, its waits (for the
+                    # large budget, for its turn at the network) left out: in a burst the budget's wait, counted
+                    # as work, inflated the estimate and the next burst was admitted by too little
+                    self.batcher.observe_large(decoded - held + timing.compute_ms / 1000
                                                + time.perf_counter() - computed, w * h,
                                                plan.painted[0] * plan.painted[1])
         except asyncio.TimeoutError:

@@ -118,3 +118,51 @@ def test_the_real_server_refuses_a_burst_of_large_photos_at_admission_and_paints
         assert by_wait == len(refusals)  # every refusal at admission, none at the deadline
     finally:
         srv.stop()
+
+
+def test_the_large_lanes_estimate_learns_work_not_the_wait_for_the_large_budget(tmp_path):
+    """A large painting's time in the server is learnt from its decode to its answer; the time it waited for the
+    large-painting budget (queueing behind the others of a burst) is not work. With a budget that holds one
+    12 MP photo at a time, four sent at once wait up to three paintings each; counted as work, that wait
+    pushed the lane's estimate up by the queue's length and the next burst was admitted by too little."""
+    import io
+    import re
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from model.weights import save_generator
+    from tests.conftest import Server, photo, small_generator
+
+    weights = tmp_path / "g.safetensors"
+    save_generator(weights, small_generator(ngf=16, n_blocks=2))
+    # 12 MP: its decode (36 MB) + the painting's buffers (8 B/px, 96 MB) fit 160 MB once, not twice
+    srv = Server(weights, ui="false", request_timeout_s=120, decode_budget_bytes=160 * 2**20).wait_ready()
+    try:
+        ready_by = time.time() + 180
+        while not httpx.get(srv.url + "/info").json()["painting"]["large_ready"] and time.time() < ready_by:
+            time.sleep(0.3)
+        buf = io.BytesIO()
+        photo(4000, 3000, seed=2).save(buf, "JPEG", quality=90)
+        body = buf.getvalue()
+
+        def one(_=None):
+            r = httpx.post(srv.url + "/translate", content=body, headers={"content-type": "image/jpeg"},
+                           params={"format": "jpeg"}, timeout=120)
+            assert r.status_code == 200, r.text
+            return r
+
+        def estimate() -> float:
+            text = httpx.get(srv.url + "/metrics").text
+            return float(re.search(r'^monet_seconds_per_megapixel\{lane="large"\} (\S+)$', text, re.M).group(1))
+
+        for _ in range(3):  # alone, one after another: the estimate settles on the work itself
+            one()
+        alone = estimate()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(4)))
+        # the last of four waited about three paintings for the budget: counted as work, the estimate rose ~2.5x
+        assert estimate() < 1.45 * alone, (alone, estimate())
+    finally:
+        srv.stop()
