@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     service = app.state.service
     refused = app.state.metrics.connections_refused
     protocol = guarded_protocol(settings.max_connections, settings.header_timeout_s, service,
-                                lambda reason: refused.labels(reason).inc())
+                                lambda reason: refused.labels(reason).inc(), settings.upload_timeout_s)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_level="info",
                             timeout_graceful_shutdown=settings.shutdown_grace_s, http=protocol)
     DrainingServer(config, service, settings.drain_s, protocol).run()

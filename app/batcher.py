@@ -255,20 +255,8 @@ class Slot:
         network paints, default ``pixels``)."""
         b = self.batcher
         lane = "large" if large else "batch"
-        if large:
-            seconds = b.large_cost.estimate(pixels, pixels if painted is None else painted)
-        else:
-            rate = b.rates[lane].s_per_mp
-            seconds = None if rate is None else pixels / 1e6 * rate
-        if seconds is not None:
-            expected = b.waiting_s[lane] + seconds
-            budget = deadline_s * ADMIT_SHARE
-            if expected > budget and b.waiting_s[lane] > 0:  # a lone request is always tried
-                if b.metrics is not None:
-                    b.metrics.refused_by_wait.labels(lane).inc()
-                raise WaitTooLong(f"the server is busy: the work ahead of this {'large ' if large else ''}image "
-                                  f"would take about {expected:.0f} s, past its {deadline_s:g} s deadline; "
-                                  "retry shortly", retry_after=max(1, math.ceil(expected - budget)))
+        seconds = b.expected_seconds(pixels, large, painted)
+        b.check_wait(lane, seconds, deadline_s)
         self.lane, self.seconds = lane, seconds or 0.0
         b.waiting_s[lane] += self.seconds
 
@@ -334,6 +322,29 @@ class Batcher:
         self.large: asyncio.Queue[_Job] = asyncio.Queue()  # taken from the queue, painted one at a time
         self.idle_release = idle_release or IdleRelease(self.translators)  # the service passes its own
         self._previous: Translator | None = None  # the translator of the last batch
+
+    def expected_seconds(self, pixels: int, large: bool, painted: int | None = None) -> float | None:
+        """The seconds an image of ``pixels`` takes in its lane: for a batch, at the measured seconds per
+        megapixel; for a large painting, its ``LargeCost`` estimate (``painted``: the pixels the network paints,
+        default ``pixels``). None before anything was timed."""
+        if large:
+            return self.large_cost.estimate(pixels, pixels if painted is None else painted)
+        rate = self.rates["batch"].s_per_mp
+        return None if rate is None else pixels / 1e6 * rate
+
+    def check_wait(self, lane: str, seconds: float | None, deadline_s: float) -> None:
+        """Raise WaitTooLong (503, Retry-After; counted) when ``seconds`` of work behind the ``lane``'s waiting
+        work would not be done within ``ADMIT_SHARE`` of ``deadline_s``. A lone request is always tried."""
+        if seconds is None:
+            return
+        expected = self.waiting_s[lane] + seconds
+        budget = deadline_s * ADMIT_SHARE
+        if expected > budget and self.waiting_s[lane] > 0:
+            if self.metrics is not None:
+                self.metrics.refused_by_wait.labels(lane).inc()
+            raise WaitTooLong(f"the server is busy: the work ahead of this {'large ' if lane == 'large' else ''}"
+                              f"image would take about {expected:.0f} s, past its {deadline_s:g} s deadline; "
+                              "retry shortly", retry_after=max(1, math.ceil(expected - budget)))
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="batcher")

@@ -37,10 +37,14 @@ class GuardedProtocol(HttpToolsProtocol):
     - **Drain**: once draining, every answer carries ``Connection: close`` (requests in progress included), a
       connection whose next request has begun arriving is kept until that request is answered, and only
       connections idle between requests are closed when the server stops.
+    - **Answered before the body was in** (a large photo refused from its header, app/uploads.py): uvicorn
+      discards the rest of the body as it arrives; the connection is kept until it has (never evicted or closed
+      mid-body by a drain: that would reset it and lose the answer), for at most ``body_timeout_s``.
     """
 
     max_connections: int | None = None
     header_timeout_s: float | None = None
+    body_timeout_s: float | None = None  # the rest of a body answered before it was in must come within this
     drain = None  # anything with a ``draining`` flag, set on SIGTERM (the PaintingService)
     on_refusal = staticmethod(lambda reason: None)  # counts refused connections (a metric)
 
@@ -52,6 +56,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._requests = 0  # requests whose headers completed on this connection
         self._receiving = False  # a request's line or headers have begun arriving but are not complete
         self._header_timer = None
+        self._body_timer = None  # while the rest of an answered request's body is discarded
+        self._close_after_body = False
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             victim = self._eviction_candidate()
             if victim is None:
@@ -69,7 +75,8 @@ class GuardedProtocol(HttpToolsProtocol):
             return 0 if c._requests == 0 else 2
 
         idle = [c for c in self.connections if isinstance(c, GuardedProtocol) and c is not self
-                and not c.transport.is_closing() and (c.cycle is None or c.cycle.response_complete)]
+                and not c.transport.is_closing() and not c._discarding()
+                and (c.cycle is None or c.cycle.response_complete)]
         return min(idle, key=lambda c: (rank(c), c._opened), default=None)
 
     def _refuse(self, status: int, reason: str, kind: str, detail: str) -> None:
@@ -99,7 +106,44 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
+
+    def _discarding(self) -> bool:
+        """The request was answered while its body is still arriving (uvicorn discards what comes)."""
+        return self.cycle is not None and self.cycle.response_complete and self.cycle.more_body
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._discarding() and not self.transport.is_closing() and self.body_timeout_s is not None:
+            self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_too_slow)
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        if not self.transport.is_closing():  # answered already: nothing to write, one log line
+            self.transport.close()
+            log.info(json.dumps({"connection": "body_timeout", "client": (self.client or ["?"])[0],
+                                 "open_s": round(time.monotonic() - self._opened, 2)}))
+            self.on_refusal("body_timeout")
+
+    def on_message_complete(self) -> None:
+        discarded = self._discarding()
+        super().on_message_complete()
+        if discarded:  # the rest of an answered body is in: the connection is idle as after any request
+            self.cycle.more_body = False
+            self._cancel_body_timer()
+            if self._close_after_body or not self.cycle.keep_alive:
+                self.transport.close()
+            elif not self.transport.is_closing():
+                if self.timeout_keep_alive_task is not None:
+                    self.timeout_keep_alive_task.cancel()
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -131,6 +175,9 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._requests == 0:
             self.loop.call_later(FRESH_GRACE_S, self._close_if_silent)
             return
+        if self._discarding():
+            self._close_after_body = True  # answered; closed once the rest of its body is in
+            return
         if self.cycle is None or self.cycle.response_complete:
             self.transport.close()
         else:
@@ -143,9 +190,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 def guarded_protocol(max_connections: int | None, header_timeout_s: float | None, drain=None,
-                     on_refusal=None) -> type[GuardedProtocol]:
+                     on_refusal=None, body_timeout_s: float | None = None) -> type[GuardedProtocol]:
     """A GuardedProtocol class with these settings, for ``uvicorn.Config(http=...)``."""
-    attrs = {"max_connections": max_connections, "header_timeout_s": header_timeout_s, "drain": drain}
+    attrs = {"max_connections": max_connections, "header_timeout_s": header_timeout_s, "drain": drain,
+             "body_timeout_s": body_timeout_s}
     if on_refusal is not None:
         attrs["on_refusal"] = staticmethod(on_refusal)
     return type("GuardedProtocol", (GuardedProtocol,), attrs)

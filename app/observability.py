@@ -48,7 +48,8 @@ class Metrics:
                                       registry=self.registry)
         self.connections_refused = Counter(
             "monet_connections_refused", "connections closed by the server before a request: busy (over "
-            "MONET_MAX_CONNECTIONS, all in requests), evicted (the oldest idle one, to make room), header_timeout",
+            "MONET_MAX_CONNECTIONS, all in requests), evicted (the oldest idle one, to make room), header_timeout, "
+            "body_timeout (the rest of a body answered early did not come)",
             ["reason"], registry=self.registry)
 
 

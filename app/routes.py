@@ -66,9 +66,12 @@ async def paint_request(request: Request, format: str | None, strength: float, s
         raise NotAcceptable("none of the Accept header's types can be produced; accept "
                             + ", ".join(f.media_type for f in FORMATS.values()))
     s = service.settings
-    data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, request.app.state.upload_budget)
-    # the body is read before any 503: a drain's answer closes the connection, and closing on unread bytes
-    # resets it (the client would see the reset, not the answer)
+    # A large photo that admission would refuse is refused from its header while its body still arrives; the
+    # server discards the rest. Not on a connection that closes after this answer: closing on unread bytes
+    # resets it, and the client would see the reset, not the answer (other refusals come once the body is in).
+    closes = request.headers.get("connection", "").lower() == "close" or request.scope.get("http_version") == "1.0"
+    data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, request.app.state.upload_budget,
+                             peek=None if closes else lambda head: service.refuse_early(head, stroke_scale))
     painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength,
                                    arrived=arrived, stroke_scale=stroke_scale, style=style)
     request.state.style = painting.style  # for the access log

@@ -293,6 +293,28 @@ class PaintingService:
         counter.inc()
         return painting
 
+    def refuse_early(self, head: bytes, stroke_scale: float | None) -> None:
+        """Raise WaitTooLong (503, Retry-After) when the image whose first bytes are ``head`` is a large painting
+        that admission would refuse anyway: called while the rest of its upload is still arriving, so a burst of
+        large photos is refused as it arrives, not once each body is in (and never buffered). Nothing is counted
+        in the lane: the image is admitted, or refused again, once its body is in. Silent when the header is not
+        in ``head`` (a long EXIF block, HEIC) or cannot be read: the full body then decides."""
+        if self.batcher is None or self.draining:  # draining: the answer closes the connection, read it all first
+            return
+        s = self.settings
+        try:
+            opened = self.decoder.open(head)
+        except Exception:  # a truncated or unusual header: the whole body answers for itself
+            return
+        size = opened.image.size
+        opened.image.close()
+        plan = plan_painting(*size, stroke_scale, s.tile, s.max_side)
+        if plan.batched:
+            return
+        w, h = fitted_size(size, s.max_side)
+        seconds = self.batcher.expected_seconds(w * h, True, plan.painted[0] * plan.painted[1])
+        self.batcher.check_wait("large", seconds, s.request_timeout_s)
+
     async def _paint(self, data: bytes, fmt: str, gone, strength: float, stroke_scale: float | None, slot,
                      translator: Translator) -> Painting:
         s = self.settings

@@ -3,7 +3,9 @@ counted while streaming so an oversized body is refused before it is all buffere
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
+from typing import Callable
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -14,6 +16,19 @@ from app.errors import BadRequest, Busy, ClientClosed, MalformedBody, TooLarge, 
 
 
 MAX_FILES, MAX_FIELDS, MAX_PART_SIZE, MAX_HEADER = 4, 16, 64 * 1024, 4096
+# where a body's first bytes are shown to ``peek`` while the rest is still arriving: a JPEG's size comes after
+# its EXIF block (up to 64 KiB) and ICC profile; a second look for the rare header that does not fit the first
+PEEK_AT = (128 * 1024, 1024 * 1024)
+_IMAGE_PART = re.compile(rb'Content-Disposition:[^\r\n]*\bname="?image"?[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n', re.I)
+
+
+def image_head(prefix: bytes, multipart: bool) -> bytes | None:
+    """The image's first bytes in a body's ``prefix``: the prefix itself for a raw image/* body, the start of
+    the part named ``image`` of a multipart one (None when its part header is not in the prefix)."""
+    if not multipart:
+        return prefix
+    match = _IMAGE_PART.search(prefix)
+    return prefix[match.end():] if match else None
 
 
 def longest_part_header(body: bytes) -> int:
@@ -43,19 +58,26 @@ class UploadBudget:
 
 
 async def read_limited(request: Request, limit: int, timeout_s: float | None = None,
-                       budget: UploadBudget | None = None) -> bytes:
+                       budget: UploadBudget | None = None, peek: Callable[[bytes], None] | None = None) -> bytes:
     """The request body. Raises TooLarge as soon as it exceeds ``limit`` bytes, UploadTooSlow when it takes
     longer than ``timeout_s`` to arrive, Busy when unfinished uploads together would hold more than ``budget``,
-    ClientClosed when the client leaves mid-body."""
+    ClientClosed when the client leaves mid-body. ``peek`` sees the first bytes of a long body (``PEEK_AT``)
+    while the rest arrives, and may refuse it by raising: the answer then goes out at once, and the server
+    (uvicorn, app/connections.py) discards the rest of the body as it comes, so the connection is not reset."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"the body is {declared} bytes; the limit is {limit}")
     buf = bytearray()
     held = 0
+    looks = list(PEEK_AT) if peek is not None else []
 
     async def read() -> None:
         nonlocal held
         async for chunk in request.stream():
+            if looks and len(buf) + len(chunk) >= looks[0] and chunk:
+                while looks and len(buf) + len(chunk) >= looks[0]:
+                    looks.pop(0)
+                peek(bytes(buf) + chunk)
             if budget is not None:
                 if not budget.take(len(chunk)):
                     raise Busy("the server holds too many unfinished uploads; retry shortly")
@@ -78,16 +100,23 @@ async def read_limited(request: Request, limit: int, timeout_s: float | None = N
 
 
 async def image_bytes(request: Request, limit: int, timeout_s: float | None = None,
-                      budget: UploadBudget | None = None) -> bytes:
+                      budget: UploadBudget | None = None, peek: Callable[[bytes], None] | None = None) -> bytes:
     """The uploaded image's bytes. Raises TooLarge, UnsupportedMedia, BadRequest or MalformedBody (and what
-    ``read_limited`` raises) with a message that says what to send."""
+    ``read_limited`` raises) with a message that says what to send. ``peek``: shown the image's first bytes
+    while a long upload arrives (``read_limited``), to refuse it before the rest is read."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    look = None
+    if peek is not None:
+        def look(prefix: bytes) -> None:
+            if (head := image_head(prefix, multipart)) is not None:
+                peek(head)
+    multipart = content_type == "multipart/form-data"
     if content_type.startswith("image/"):
-        return await read_limited(request, limit, timeout_s, budget)
+        return await read_limited(request, limit, timeout_s, budget, look)
     if content_type != "multipart/form-data":
         raise UnsupportedMedia(f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
                                 "with a file field named 'image', or the raw image with an image/* content type")
-    body = await read_limited(request, limit, timeout_s, budget)
+    body = await read_limited(request, limit, timeout_s, budget, look)
 
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}

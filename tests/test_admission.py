@@ -166,3 +166,99 @@ def test_the_large_lanes_estimate_learns_work_not_the_wait_for_the_large_budget(
         assert estimate() < 1.45 * alone, (alone, estimate())
     finally:
         srv.stop()
+
+
+def test_a_large_photo_the_lane_cannot_take_is_refused_from_its_header_before_its_body_is_sent(tmp_path):
+    """Issue 34, item 1: with the large lane full (a burst has been refused by expected wait), a 12 MP photo whose
+    first 256 KiB alone have been sent (multipart, as browsers and curl send) gets its 503 with Retry-After
+    before the client sends the rest. The client then sends the rest anyway, as HTTP clients do: the server
+    discards it, the connection is not reset, and the next request on it is answered. A client that never
+    sends the rest is closed after the upload timeout."""
+    import io
+    import json
+    import math
+    import re
+    import socket
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from model.weights import save_generator
+    from tests.conftest import Server, photo, small_generator
+
+    weights = tmp_path / "g.safetensors"
+    save_generator(weights, small_generator(ngf=16, n_blocks=2))
+    deadline_s, upload_timeout_s = 12.0, 4.0
+    srv = Server(weights, ui="false", request_timeout_s=deadline_s, upload_timeout_s=upload_timeout_s).wait_ready()
+    try:
+        ready_by = time.time() + 180
+        while not httpx.get(srv.url + "/info").json()["painting"]["large_ready"] and time.time() < ready_by:
+            time.sleep(0.3)
+        rate = float(re.search(r'^monet_seconds_per_megapixel\{lane="large"\} (\S+)$',
+                               httpx.get(srv.url + "/metrics").text, re.M).group(1))
+        buf = io.BytesIO()
+        photo(4000, 3000, seed=3).save(buf, "JPEG", quality=90)
+        jpeg = buf.getvalue()
+        n = min(40, math.ceil(2 * ADMIT_SHARE * deadline_s / (rate * 12)) + 2)
+
+        def refused_by_wait() -> float:  # 0 until the first refusal creates the lane's count
+            found = re.search(r'^monet_refused_by_wait_total\{lane="large"\} (\S+)$',
+                              httpx.get(srv.url + "/metrics").text, re.M)
+            return float(found.group(1)) if found else 0.0
+
+        def one(_):
+            return httpx.post(srv.url + "/translate", content=jpeg, headers={"content-type": "image/jpeg"},
+                              params={"format": "jpeg"}, timeout=120).status_code
+
+        boundary = "monetboundary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        body = head + jpeg + tail
+        first = 256 * 1024
+        request = (f"POST /translate?format=jpeg HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                   f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+
+        def refused(sock) -> None:
+            answer = b""
+            while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                    re.search(rb"content-length: (\d+)", answer, re.I).group(1)):
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            status_line, rest = answer.split(b"\r\n", 1)
+            assert status_line.split()[1] == b"503", answer[:500]
+            headers, detail = rest.split(b"\r\n\r\n", 1)
+            assert int(re.search(rb"retry-after: (\d+)", headers, re.I).group(1)) >= 1
+            assert "deadline" in json.loads(detail)["detail"]
+        with ThreadPoolExecutor(n) as pool:
+            burst = [pool.submit(one, i) for i in range(n)]
+            while refused_by_wait() < 1 and not all(f.done() for f in burst):
+                time.sleep(0.02)
+            assert refused_by_wait() >= 1  # the lane holds more than its deadline's share: this one is refused
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                sock.sendall(request)
+                sock.sendall(body[:first])  # the rest is not sent until the answer has come
+                refused(sock)
+                sock.sendall(body[first:])  # as a client that sends its whole body before reading would
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                again = b""
+                while b"\r\n\r\n" not in again:
+                    chunk = sock.recv(65536)
+                    assert chunk, again  # closed or reset: the discarded body cost the connection
+                    again += chunk
+                assert again.split()[1] == b"200", again[:300]
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as stalled:
+                stalled.sendall(request + body[:first])
+                refused(stalled)  # and then never sends the rest: closed after the upload timeout
+                started = time.monotonic()
+                assert stalled.recv(65536) == b""
+                assert time.monotonic() - started < upload_timeout_s + 5
+            statuses = [f.result() for f in burst]
+        assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+        assert re.search(r'^monet_connections_refused_total\{reason="body_timeout"\} 1\.0$',
+                         httpx.get(srv.url + "/metrics").text, re.M)
+    finally:
+        srv.stop()
