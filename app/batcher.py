@@ -95,6 +95,21 @@ class LargeCost:
         self.factor = self.smoothing * self.factor + (1 - self.smoothing) * ratio
 
 
+class Reservation:
+    """A large image's work counted in the large lane's waiting work from its header, while its body still
+    arrives (``Batcher.reserve``): a burst of large uploads is admitted, or refused, as each header comes, not
+    once each body is in. Released when its slot counts the work (``Slot.expect``) or the request ends."""
+
+    def __init__(self, batcher: "Batcher", seconds: float):
+        self.batcher, self.seconds = batcher, seconds
+        batcher.waiting_s["large"] += seconds
+
+    def release(self) -> None:
+        if self.seconds:
+            self.batcher.waiting_s["large"] = max(0.0, self.batcher.waiting_s["large"] - self.seconds)
+            self.seconds = 0.0
+
+
 class ClientGone(ClientClosed):
     """The client closed its connection while its job was queued; the job was dropped before compute."""
 
@@ -248,15 +263,20 @@ class Slot:
         self.lane: str | None = None
         self.seconds = 0.0
 
-    def expect(self, pixels: int, large: bool, deadline_s: float, painted: int | None = None) -> None:
+    def expect(self, pixels: int, large: bool, deadline_s: float, painted: int | None = None,
+               reserved: "Reservation | None" = None) -> None:
         """Count this request's work in its lane's waiting work, or raise WaitTooLong (503, Retry-After) when that
         work would not be done within ``ADMIT_SHARE`` of ``deadline_s``: for a batch, ``pixels`` at the measured
         seconds per megapixel; for a large painting, its ``LargeCost`` estimate (``painted``: the pixels the
-        network paints, default ``pixels``)."""
+        network paints, default ``pixels``). A large image admitted from its header (``reserved`` holds its
+        work) is admitted: its reservation becomes this count."""
         b = self.batcher
         lane = "large" if large else "batch"
         seconds = b.expected_seconds(pixels, large, painted)
-        b.check_wait(lane, seconds, deadline_s)
+        if reserved is not None and reserved.seconds > 0:
+            reserved.release()
+        else:
+            b.check_wait(lane, seconds, deadline_s)
         self.lane, self.seconds = lane, seconds or 0.0
         b.waiting_s[lane] += self.seconds
 
@@ -331,6 +351,15 @@ class Batcher:
             return self.large_cost.estimate(pixels, pixels if painted is None else painted)
         rate = self.rates["batch"].s_per_mp
         return None if rate is None else pixels / 1e6 * rate
+
+    def reserve(self, pixels: int, painted: int, deadline_s: float) -> Reservation | None:
+        """Admit a large image from its header: count its work in the large lane (a ``Reservation``), or raise
+        WaitTooLong as ``Slot.expect`` would. None before the lane's work was timed."""
+        seconds = self.expected_seconds(pixels, True, painted)
+        if seconds is None:
+            return None
+        self.check_wait("large", seconds, deadline_s)
+        return Reservation(self, seconds)
 
     def check_wait(self, lane: str, seconds: float | None, deadline_s: float) -> None:
         """Raise WaitTooLong (503, Retry-After; counted) when ``seconds`` of work behind the ``lane``'s waiting

@@ -66,14 +66,25 @@ async def paint_request(request: Request, format: str | None, strength: float, s
         raise NotAcceptable("none of the Accept header's types can be produced; accept "
                             + ", ".join(f.media_type for f in FORMATS.values()))
     s = service.settings
-    # A large photo that admission would refuse is refused from its header while its body still arrives; the
-    # server discards the rest. Not on a connection that closes after this answer: closing on unread bytes
-    # resets it, and the client would see the reset, not the answer (other refusals come once the body is in).
+    # A large photo is admitted (its work counted) or refused from its header while its body still arrives;
+    # after a refusal the server discards the rest. Not on a connection that closes after this answer: closing
+    # on unread bytes resets it, and the client would see the reset, not the answer.
     closes = request.headers.get("connection", "").lower() == "close" or request.scope.get("http_version") == "1.0"
-    data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, request.app.state.upload_budget,
-                             peek=None if closes else lambda head: service.refuse_early(head, stroke_scale))
-    painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength,
-                                   arrived=arrived, stroke_scale=stroke_scale, style=style)
+    reserved = []
+
+    def peek(head: bytes) -> None:
+        if not reserved and (held := service.admit_early(head, stroke_scale)) is not None:
+            reserved.append(held)
+
+    try:
+        data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, request.app.state.upload_budget,
+                                 peek=None if closes else peek)
+        painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength, arrived=arrived,
+                                       stroke_scale=stroke_scale, style=style,
+                                       reserved=reserved[0] if reserved else None)
+    finally:
+        for held in reserved:  # counted by its slot already, unless the request ended before
+            held.release()
     request.state.style = painting.style  # for the access log
     return painting_response(painting)
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.batcher import Batcher, IdleRelease, Large, Timing
+from app.batcher import Batcher, IdleRelease, Large, Reservation, Timing
 from app.catalogue import Catalogue
 from app.config import Settings
 from app.decoding import SMALL_PIXELS, DecodeBudget, Decoder, Opened
@@ -275,17 +275,19 @@ class PaintingService:
 
     async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0,
                     arrived: float | None = None, stroke_scale: float | None = None,
-                    style: str | None = None) -> Painting:
+                    style: str | None = None, reserved: Reservation | None = None) -> Painting:
         """Admit the request (which ``arrived`` then: time.monotonic()), then decode ``data``, translate it through
         the batcher in ``style`` (None: the default), blend ``strength`` of the painting with the photo, encode as
         ``fmt``. ``stroke_scale``: paint at 1/s of the size and bring it back (None: the image's default,
-        model/stroke.py). Raises a Refusal (app.errors) or NonFiniteOutput."""
+        model/stroke.py). ``reserved``: its work, counted from its header (``admit_early``). Raises a Refusal
+        (app.errors) or NonFiniteOutput."""
         if (refusal := self.readiness(arrived)) is not None:
             raise refusal
         self.catalogue.resolve(style)  # an unknown style: 404 before anything else
         with self.batcher.slot() as slot:  # admitted before any decode: under overload a 503 costs nothing
             async with self.catalogue.use(style, self.settings.request_timeout_s) as chosen:
-                painting = await self._paint(data, fmt, gone, strength, stroke_scale, slot, chosen.translator)
+                painting = await self._paint(data, fmt, gone, strength, stroke_scale, slot, chosen.translator,
+                                             reserved)
         painting.style, painting.version = chosen.name, chosen.version
         counter = self._painted.get(chosen.name)
         if counter is None:  # the labelled child, looked up once per style
@@ -293,30 +295,30 @@ class PaintingService:
         counter.inc()
         return painting
 
-    def refuse_early(self, head: bytes, stroke_scale: float | None) -> None:
-        """Raise WaitTooLong (503, Retry-After) when the image whose first bytes are ``head`` is a large painting
-        that admission would refuse anyway: called while the rest of its upload is still arriving, so a burst of
-        large photos is refused as it arrives, not once each body is in (and never buffered). Nothing is counted
-        in the lane: the image is admitted, or refused again, once its body is in. Silent when the header is not
-        in ``head`` (a long EXIF block, HEIC) or cannot be read: the full body then decides."""
+    def admit_early(self, head: bytes, stroke_scale: float | None) -> Reservation | None:
+        """Admit or refuse a large painting from ``head``, its image's first bytes, while the rest of its upload
+        still arrives: WaitTooLong (503, Retry-After) when the large lane's work ahead would keep it past its
+        deadline, else its work is counted in the lane now (the ``Reservation``, handed to ``paint``), so the
+        next large upload of a burst is judged with this one ahead of it. None, deciding nothing, for an image
+        painted in batches, or when the header is not in ``head`` (a long EXIF block, HEIC) or cannot be read:
+        the whole body then decides, as for any image."""
         if self.batcher is None or self.draining:  # draining: the answer closes the connection, read it all first
-            return
+            return None
         s = self.settings
         try:
             opened = self.decoder.open(head)
         except Exception:  # a truncated or unusual header: the whole body answers for itself
-            return
+            return None
         size = opened.image.size
         opened.image.close()
         plan = plan_painting(*size, stroke_scale, s.tile, s.max_side)
         if plan.batched:
-            return
+            return None
         w, h = fitted_size(size, s.max_side)
-        seconds = self.batcher.expected_seconds(w * h, True, plan.painted[0] * plan.painted[1])
-        self.batcher.check_wait("large", seconds, s.request_timeout_s)
+        return self.batcher.reserve(w * h, plan.painted[0] * plan.painted[1], s.request_timeout_s)
 
     async def _paint(self, data: bytes, fmt: str, gone, strength: float, stroke_scale: float | None, slot,
-                     translator: Translator) -> Painting:
+                     translator: Translator, reserved: Reservation | None = None) -> Painting:
         s = self.settings
         started = time.perf_counter()
         opened = self.decoder.open(data)  # the header only: microseconds
@@ -325,7 +327,7 @@ class PaintingService:
         batched = plan.batched
         w, h = fitted_size(opened.image.size, s.max_side)
         try:  # refused now, before the decode, if the work ahead would keep it past its deadline
-            slot.expect(w * h, not batched, s.request_timeout_s, plan.painted[0] * plan.painted[1])
+            slot.expect(w * h, not batched, s.request_timeout_s, plan.painted[0] * plan.painted[1], reserved)
         except Busy:
             opened.image.close()
             raise
@@ -389,3 +391,4 @@ class PaintingService:
                 self.batcher is None or self.batcher.admitted <= self._burst_from)):
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.codecs, fn, *args)
+

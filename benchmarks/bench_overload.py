@@ -1,7 +1,7 @@
 """How fast an overloaded server says no: N concurrent 256x256 uploads against the default queue (64), the
 latency of the 503s beside that of the 200s, and how many uploads were decoded (each refusal should cost none).
 
-    python -m benchmarks.bench_overload [--clients 200] [--weights FILE] [--multipart] [--against REV] [--rounds N]
+    python -m benchmarks.bench_overload [--clients 200] [--weights FILE] [--multipart] [--against REV] [--rounds N] [--size WxH] [--keep-alive]
 
 ``--against REV`` runs REV's server (a git worktree, e.g. the previous main) the same way, alternating, in the
 same run.
@@ -52,7 +52,7 @@ def request_bytes(body: bytes, multipart: bool, keep_alive: bool = False) -> byt
     return head + body
 
 
-async def burst(url: str, request: bytes, clients: int) -> list[tuple[int, float]]:
+async def burst(url: str, request: bytes, clients: int, keep_alive: bool = False) -> list[tuple[int, float]]:
     """``clients`` connections opened first, then the same request sent on all of them at once; each
     answer's status and milliseconds from its send. One asyncio client: little client time in the figures
     (a thread per client on 2 cores put hundreds of milliseconds of the client's own GIL waits in them)."""
@@ -65,7 +65,12 @@ async def burst(url: str, request: bytes, clients: int) -> list[tuple[int, float
         t = time.perf_counter()
         writer.write(request)
         await writer.drain()
-        answer = await reader.read()  # Connection: close: the answer ends with the connection
+        if keep_alive:  # the answer ends where its Content-Length says
+            answer = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: (\d+)", answer, re.I).group(1))
+            answer += await reader.readexactly(length)
+        else:
+            answer = await reader.read()  # Connection: close: the answer ends with the connection
         writer.close()
         return int(answer.split(b" ", 2)[1]), (time.perf_counter() - t) * 1000
 
@@ -79,12 +84,12 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def one_burst(root: Path, weights: Path, request: bytes, clients: int) -> dict:
+def one_burst(root: Path, weights: Path, request: bytes, clients: int, keep_alive: bool = False) -> dict:
     log = Path(tempfile.mkdtemp()) / "server.log"
     server = Server({"MONET_WEIGHTS": str(weights), "MONET_UI": "false"}, log=log, root=root).wait_ready()
     server.wait_large_ready()
     try:
-        results = asyncio.run(burst(server.url, request, clients))
+        results = asyncio.run(burst(server.url, request, clients, keep_alive))
         metrics = httpx.get(server.url + "/metrics").text
         decodes = float(re.search(r"^monet_decodes_total (\S+)$", metrics, re.M).group(1))
     finally:
@@ -105,16 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", help="also run this git revision's server (a worktree), alternating")
     p.add_argument("--rounds", type=int, default=1, help="bursts per server")
     p.add_argument("--size", default="256x256", help="the uploads' WxH (e.g. 1024x768, 6000x6000)")
+    p.add_argument("--keep-alive", action="store_true", help="keep-alive connections, as browsers and HTTP "
+                   "libraries send (default: Connection: close)")
     args = p.parse_args(argv)
     size = tuple(int(v) for v in args.size.lower().split("x"))
-    request = request_bytes(upload(0, size), args.multipart)
+    request = request_bytes(upload(0, size), args.multipart, args.keep_alive)
     print(f"{args.clients} concurrent {args.size} JPEG uploads ({'multipart' if args.multipart else 'raw'}, "
+          f"{'keep-alive' if args.keep_alive else 'Connection: close'}, "
           f"{len(request) / 1e6:.1f} MB each), queue 64")
     with revision(args.against) as other:
         roots = ({f"main ({args.against})": other} if other else {}) | {"ours": ROOT}
         for round_ in range(args.rounds):
             for name, root in roots.items():
-                r = one_burst(root, args.weights, request, args.clients)
+                r = one_burst(root, args.weights, request, args.clients, args.keep_alive)
                 ok, busy, inside = r["ok"], r["busy"], r["inside"]
                 print(f"round {round_ + 1} {name}:")
                 print(f"  200: {len(ok)}, p50 {percentile(ok, 50):.0f} ms, p99 {percentile(ok, 99):.0f} ms")
