@@ -95,16 +95,30 @@ class LargeCost:
         self.factor = self.smoothing * self.factor + (1 - self.smoothing) * ratio
 
 
+RESERVATION_S = 5.0  # how long an upload's header holds its work in the large lane before its body is in
+
+
 class Reservation:
     """A large image's work counted in the large lane's waiting work from its header, while its body still
     arrives (``Batcher.reserve``): a burst of large uploads is admitted, or refused, as each header comes, not
-    once each body is in. Released when its slot counts the work (``Slot.expect``) or the request ends."""
+    once each body is in. Released when its slot counts the work (``Slot.expect``), when the request ends, or
+    after ``hold_s``: a slow upload (or one that sent a header and trickles) holds no place for long, and is
+    judged again, as any upload, once its body is in."""
 
-    def __init__(self, batcher: "Batcher", seconds: float):
+    def __init__(self, batcher: "Batcher", seconds: float, hold_s: float | None = RESERVATION_S):
         self.batcher, self.seconds = batcher, seconds
         batcher.waiting_s["large"] += seconds
+        self._timer = None
+        if hold_s is not None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(hold_s, self.release)
+            except RuntimeError:  # no event loop (a unit test): held until released
+                pass
 
     def release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.seconds:
             self.batcher.waiting_s["large"] = max(0.0, self.batcher.waiting_s["large"] - self.seconds)
             self.seconds = 0.0

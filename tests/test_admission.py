@@ -70,6 +70,35 @@ def test_a_burst_of_large_photos_is_admitted_while_it_fits_the_deadline_and_refu
     assert len(refused) == 16 - admitted and all(r >= 1 for r in refused)
 
 
+def test_a_reservation_from_the_header_counts_until_its_slot_takes_it_or_its_hold_runs_out():
+    """A large upload admitted from its header holds its work in the lane (the next one is judged behind it);
+    its slot takes that work over without judging it again; one whose body is slow lets go after its hold."""
+    import asyncio
+
+    from app.batcher import Reservation
+
+    async def run() -> None:
+        b = Batcher(None, max_batch=4, max_wait_s=0.01, queue_size=64)
+        b.large_cost.calibrate(per_painted_mp=0.8, per_mp=0.05)  # 2.6 s a 36 MP photo painted at 1 MP
+        first = b.reserve(36_000_000, 1_000_000, 30.0)
+        assert b.waiting_s["large"] == pytest.approx(2.6)
+        held = [b.reserve(36_000_000, 1_000_000, 30.0) for _ in range(8)]  # 9 x 2.6 = 23.4 s of the 24 s share
+        with pytest.raises(WaitTooLong):
+            b.reserve(36_000_000, 1_000_000, 30.0)
+        with b.slot() as slot:  # the first one's body is in: admitted without a second judgement
+            slot.expect(36_000_000, True, 30.0, painted=1_000_000, reserved=first)
+            assert first.seconds == 0 and b.waiting_s["large"] == pytest.approx(23.4)
+        for r in held:
+            r.release()
+        assert b.waiting_s["large"] == pytest.approx(0.0, abs=1e-9)
+        slow = Reservation(b, 2.6, hold_s=0.05)  # a header, then a body that trickles
+        assert b.waiting_s["large"] == pytest.approx(2.6)
+        await asyncio.sleep(0.2)
+        assert slow.seconds == 0 and b.waiting_s["large"] == pytest.approx(0.0, abs=1e-9)
+
+    asyncio.run(run())
+
+
 def test_the_real_server_refuses_a_burst_of_large_photos_at_admission_and_paints_the_rest(tmp_path):
     """Issue 34, item 1, against the real server: before any large painting, the service has timed one at start
     (its first estimate is in /metrics); a burst of 12 MP photos sized from that estimate to be about 1.5 times
