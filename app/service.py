@@ -391,4 +391,3 @@ class PaintingService:
                 self.batcher is None or self.batcher.admitted <= self._burst_from)):
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.codecs, fn, *args)
-

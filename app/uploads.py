@@ -19,7 +19,8 @@ MAX_FILES, MAX_FIELDS, MAX_PART_SIZE, MAX_HEADER = 4, 16, 64 * 1024, 4096
 # where a body's first bytes are shown to ``peek`` while the rest is still arriving: a JPEG's size comes after
 # its EXIF block (up to 64 KiB) and ICC profile; a second look for the rare header that does not fit the first
 PEEK_AT = (128 * 1024, 1024 * 1024)
-_IMAGE_PART = re.compile(rb'Content-Disposition:[^\r\n]*\bname="?image"?[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n', re.I)
+_IMAGE_PART = re.compile(rb'Content-Disposition:[^\r\n]*\bname=(?:"image"|image\b)[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n',
+                         re.I)
 
 
 def image_head(prefix: bytes, multipart: bool) -> bytes | None:

@@ -298,3 +298,16 @@ def test_a_large_photo_the_lane_cannot_take_is_refused_from_its_header_before_it
                          httpx.get(srv.url + "/metrics").text, re.M)
     finally:
         srv.stop()
+
+
+def test_the_image_head_is_found_in_the_first_bytes_of_a_multipart_body():
+    """The look at a body's first bytes finds the part named `image` (not one whose name only starts so), and
+    nothing when its part header has not arrived yet."""
+    from app.uploads import image_head
+
+    body = (b'--x\r\nContent-Disposition: form-data; name="images"; filename="a.txt"\r\n\r\nnot this\r\n'
+            b'--x\r\nContent-Disposition: form-data; name="image"; filename="b.jpg"\r\nContent-Type: image/jpeg\r\n'
+            b'\r\n\xff\xd8\xff\xe0rest')
+    assert image_head(body, multipart=True) == b"\xff\xd8\xff\xe0rest"
+    assert image_head(body[:60], multipart=True) is None
+    assert image_head(b"\xff\xd8\xff", multipart=False) == b"\xff\xd8\xff"
