@@ -282,7 +282,7 @@ def test_settings_come_from_the_environment(monkeypatch):
 def test_the_service_on_its_default_weights():
     with TestClient(create_app(Settings(ui=False))) as c:
         wait_ready(c)
-        assert c.get("/info").json()["model"]["training"]["preset"] == "cpu"
+        assert c.get("/info").json()["model"]["training"]["preset"] == "cut-cpu-256"  # the soup's ingredients' preset
         out = decoded(c.post("/translate", files={"image": ("p.jpg", encode(photo(64, 40)), "image/jpeg")}))
         assert out.size == (64, 40)
 

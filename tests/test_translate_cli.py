@@ -58,7 +58,7 @@ def test_the_shipped_default_weights_work_without_flags(tmp_path):
     from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS
 
     translator = Translator.from_file(DEFAULT_WEIGHTS, device="cpu")
-    assert translator.info.direction == "photo->monet" and translator.info.training["preset"] == "cpu"
+    assert translator.info.direction == "photo->monet" and translator.info.training["preset"] == "cut-cpu-256"
     src = tmp_path / "in"
     src.mkdir()
     photo(96, 64).save(src / "p.jpg")
