@@ -309,25 +309,29 @@ class PaintingService:
             opened = self.decoder.open(head)
         except Exception:  # a truncated or unusual header: the whole body answers for itself
             return None
-        size = opened.image.size
+        batched, pixels, painted = self._work(opened.image.size, stroke_scale)
         opened.image.close()
-        plan = plan_painting(*size, stroke_scale, s.tile, s.max_side)
-        if plan.batched:
+        if batched:
             return None
+        return self.batcher.reserve(pixels, painted, s.request_timeout_s)
+
+    def _work(self, size: tuple[int, int], stroke_scale: float | None) -> tuple[bool, int, int]:
+        """What admission counts of an image of ``size`` (from its header): painted in batches or not, its pixels
+        once fitted to ``max_side``, and the pixels the network paints. Batched or not does not depend on the
+        EXIF rotation, which the decode applies."""
+        s = self.settings
+        plan = plan_painting(*size, stroke_scale, s.tile, s.max_side)
         w, h = fitted_size(size, s.max_side)
-        return self.batcher.reserve(w * h, plan.painted[0] * plan.painted[1], s.request_timeout_s)
+        return plan.batched, w * h, plan.painted[0] * plan.painted[1]
 
     async def _paint(self, data: bytes, fmt: str, gone, strength: float, stroke_scale: float | None, slot,
                      translator: Translator, reserved: Reservation | None = None) -> Painting:
         s = self.settings
         started = time.perf_counter()
         opened = self.decoder.open(data)  # the header only: microseconds
-        # batched or not does not depend on the EXIF rotation, which the decode applies
-        plan = plan_painting(*opened.image.size, stroke_scale, s.tile, s.max_side)
-        batched = plan.batched
-        w, h = fitted_size(opened.image.size, s.max_side)
+        batched, pixels, painted = self._work(opened.image.size, stroke_scale)
         try:  # refused now, before the decode, if the work ahead would keep it past its deadline
-            slot.expect(w * h, not batched, s.request_timeout_s, plan.painted[0] * plan.painted[1], reserved)
+            slot.expect(pixels, not batched, s.request_timeout_s, painted, reserved)
         except Busy:
             opened.image.close()
             raise

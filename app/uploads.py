@@ -75,7 +75,7 @@ async def read_limited(request: Request, limit: int, timeout_s: float | None = N
     async def read() -> None:
         nonlocal held
         async for chunk in request.stream():
-            if looks and len(buf) + len(chunk) >= looks[0] and chunk:
+            if looks and len(buf) + len(chunk) >= looks[0]:
                 while looks and len(buf) + len(chunk) >= looks[0]:
                     looks.pop(0)
                 peek(bytes(buf) + chunk)
@@ -106,15 +106,15 @@ async def image_bytes(request: Request, limit: int, timeout_s: float | None = No
     ``read_limited`` raises) with a message that says what to send. ``peek``: shown the image's first bytes
     while a long upload arrives (``read_limited``), to refuse it before the rest is read."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    multipart = content_type == "multipart/form-data"
     look = None
     if peek is not None:
         def look(prefix: bytes) -> None:
             if (head := image_head(prefix, multipart)) is not None:
                 peek(head)
-    multipart = content_type == "multipart/form-data"
     if content_type.startswith("image/"):
         return await read_limited(request, limit, timeout_s, budget, look)
-    if content_type != "multipart/form-data":
+    if not multipart:
         raise UnsupportedMedia(f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
                                 "with a file field named 'image', or the raw image with an image/* content type")
     body = await read_limited(request, limit, timeout_s, budget, look)
