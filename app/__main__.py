@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain step on SIGTERM/SIGINT: /readyz turns 503, requests that arrive from then
     on get 503 at once (those that arrived before are served), and every answer carries Connection: close.
-    After ``drain_s`` (time for load balancers to notice) uvicorn stops accepting, closes the connections idle
-    between requests, lets the requests it has finish within MONET_SHUTDOWN_GRACE_S, and the process exits 0."""
+    After ``drain_s`` (time for load balancers to notice) uvicorn stops accepting, lets the requests it has
+    finish within MONET_SHUTDOWN_GRACE_S (a connection idle between requests is answered 503 if it sends
+    another, else closed by its keep-alive timeout), and the process exits 0."""
 
     def __init__(self, config: uvicorn.Config, service, drain_s: float, protocol: type):
         super().__init__(config)

@@ -35,8 +35,9 @@ class GuardedProtocol(HttpToolsProtocol):
     - **Header deadline** (``header_timeout_s``): a new connection, and each next request on a kept-alive one
       from its first byte, must finish its request line and headers in time, else 408 and close.
     - **Drain**: once draining, every answer carries ``Connection: close`` (requests in progress included), a
-      connection whose next request has begun arriving is kept until that request is answered, and only
-      connections idle between requests are closed when the server stops.
+      connection whose next request has begun arriving is kept until that request is answered, and a
+      connection idle between requests when the server stops is kept until its next request (answered 503
+      with ``Connection: close``) or its keep-alive timeout, whichever comes first.
     - **Answered before the body was in** (a large photo refused from its header, app/uploads.py): uvicorn
       discards the rest of the body as it arrives; the connection is kept until it has (never evicted or closed
       mid-body by a drain: that would reset it and lose the answer), for at most ``body_timeout_s``.
@@ -166,8 +167,8 @@ class GuardedProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
     def shutdown(self) -> None:
-        """The server stops: close now only between requests. A request that began arriving is answered first
-        (uvicorn waits for open connections, within its graceful-shutdown timeout), and a connection that has
+        """The server stops: close nothing a client may be about to use. A request that began arriving is answered
+        first (uvicorn waits for open connections, within its graceful-shutdown timeout), and a connection that has
         not sent its first byte yet gets ``FRESH_GRACE_S`` to send it: it was accepted just before the listener
         closed, and its client is most likely sending."""
         if self._receiving:
@@ -179,9 +180,13 @@ class GuardedProtocol(HttpToolsProtocol):
             self._close_after_body = True  # answered; closed once the rest of its body is in
             return
         if self.cycle is None or self.cycle.response_complete:
-            self.transport.close()
-        else:
-            self.last_request()  # uvicorn's own shutdown turns keep-alive off even after the headers went out
+            # idle between requests: left open until its next request (answered 503, Connection: close) or
+            # uvicorn's keep-alive timeout. Closed now, a client waking at that moment (after a Retry-After,
+            # say) sends on a socket being closed and loses its request; the keep-alive timeout is a close
+            # the client could meet anyway, the drain adds none (in one CI run, keep-alive clients woken after
+            # a 503's Retry-After just as the drain ended lost 2 requests)
+            return
+        self.last_request()  # uvicorn's own shutdown turns keep-alive off even after the headers went out
 
     def _close_if_silent(self) -> None:
         if not self._receiving and self._requests == 0 and not self.transport.is_closing():

@@ -219,7 +219,11 @@ class PaintingService:
             del image, painting, small, buf
             painted = plan.painted[0] * plan.painted[1]
             per_painted_mp, per_mp = network / (painted / 1e6), (seconds - network) / (width * height / 1e6)
-            loop.call_soon_threadsafe(batcher.calibrate_large, per_painted_mp, per_mp, width * height, painted)
+            try:
+                loop.call_soon_threadsafe(batcher.calibrate_large, per_painted_mp, per_mp, width * height, painted)
+            except RuntimeError:  # the loop closed: the server stopped while this ran (its thread is not waited for)
+                log.info("the server stopped before the large paintings' first estimate was made")
+                return
             log.info("a %dx%d photo took %.2f s to paint, %.2f s of it in the network at %dx%d (the large "
                      "paintings' first estimate)", width, height, seconds, network, *plan.painted)
         except Exception:  # noqa: BLE001 -- an estimate, not a service: without it, the first real painting sets it
