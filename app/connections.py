@@ -26,7 +26,8 @@ def raw_response(status: int, reason: str, detail: str) -> bytes:
 
 
 class GuardedProtocol(HttpToolsProtocol):
-    """httptools' protocol with a connection cap, a header deadline and a drain that closes between requests.
+    """httptools' protocol with a connection cap, a header deadline, a drain that never closes a connection a
+    client may be about to use, and a lingering close for answers sent before their request's body was in.
 
     - **Cap** (``max_connections``): a connection past the cap evicts the oldest one that is not in a request
       (one that never sent a byte first, then one still sending its headers, then an idle keep-alive one), so
@@ -38,9 +39,10 @@ class GuardedProtocol(HttpToolsProtocol):
       connection whose next request has begun arriving is kept until that request is answered, and a
       connection idle between requests when the server stops is kept until its next request (answered 503
       with ``Connection: close``) or its keep-alive timeout, whichever comes first.
-    - **Answered before the body was in** (a large photo refused from its header, app/uploads.py): uvicorn
-      discards the rest of the body as it arrives; the connection is kept until it has (never evicted or closed
-      mid-body by a drain: that would reset it and lose the answer), for at most ``body_timeout_s``.
+    - **Answered before the body was in** (the arrival gate's 503, a large photo refused from its header,
+      app/uploads.py): uvicorn discards the rest of the body as it arrives; the connection is kept until it has
+      (never evicted or closed mid-body by a drain, nor by the answer's own ``Connection: close``:
+      ``LingeringClose``; that would reset it and lose the answer), for at most ``body_timeout_s``.
     """
 
     max_connections: int | None = None
@@ -156,8 +158,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._requests += 1
         self._cancel_header_timer()
         super().on_headers_complete()
-        if self.drain is not None and self.drain.draining and self.cycle is not None:
-            self.cycle.keep_alive = False  # answered with Connection: close, then closed
+        if self.cycle is not None:
+            self.cycle.transport = LingeringClose(self, self.cycle)  # before its task first runs
+            if self.drain is not None and self.drain.draining:
+                self.cycle.keep_alive = False  # answered with Connection: close, then closed
 
     def last_request(self) -> None:
         """The request in progress (if any) is this connection's last: its answer says Connection: close.
@@ -192,6 +196,32 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self._receiving and self._requests == 0 and not self.transport.is_closing():
             self._cancel_header_timer()
             self.transport.close()
+
+
+class LingeringClose:
+    """A request cycle's view of its connection's transport. uvicorn closes the connection as soon as an answer
+    with ``Connection: close`` is complete; when that answer went out before the request's body was in (a
+    refusal from the headers: the arrival gate's 503, a large photo refused from its header, a 413), closing on
+    the unread bytes would reset the connection, and the client would see the reset, not the answer. Here that
+    close waits until the rest of the body has come and been discarded (``GuardedProtocol``), for at most
+    ``body_timeout_s``. A close of an answer left incomplete (the app failed mid-answer) happens at once."""
+
+    __slots__ = ("protocol", "cycle")
+
+    def __init__(self, protocol: GuardedProtocol, cycle):
+        self.protocol, self.cycle = protocol, cycle
+
+    def close(self) -> None:
+        if self.cycle.response_complete and self.cycle.more_body and not self.protocol.transport.is_closing():
+            self.protocol._close_after_body = True
+            return
+        self.protocol.transport.close()
+
+    def write(self, data) -> None:
+        self.protocol.transport.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.protocol.transport, name)
 
 
 def guarded_protocol(max_connections: int | None, header_timeout_s: float | None, drain=None,

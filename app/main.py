@@ -1,7 +1,6 @@
 """`create_app(settings)`: the FastAPI app with its routes, metrics, access logs and the Gradio UI."""
 from __future__ import annotations
 
-import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -75,8 +74,9 @@ def take_fast_path(app: FastAPI, fast) -> None:
 class ArrivalGate:
     """Answers a POST /translate as it arrives when the service would refuse it anyway (queue full, shutting
     down, loading): no routing, no parameter validation, no multipart parsing, so under overload a 503 costs
-    next to nothing. The body is drained first, as it arrives: a connection closed on unread bytes is reset,
-    and the client would see the reset instead of the answer."""
+    next to nothing. The answer goes out at once, before the body is read: the server (uvicorn with
+    app/connections.py's protocol) discards the rest of the body as it arrives and keeps the connection until it
+    has, so the client is not reset. Draining it here first put the whole burst's uploads ahead of every 503."""
 
     def __init__(self, app, service: PaintingService):
         self.app, self.service = app, service
@@ -84,18 +84,7 @@ class ArrivalGate:
     async def __call__(self, scope, receive, send) -> None:
         if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/translate"
                 and (refusal := self.service.refusal_on_arrival()) is not None):
-            timeout = self.service.settings.upload_timeout_s
-            try:
-                await asyncio.wait_for(drain(receive), timeout)
-            except asyncio.TimeoutError:
-                pass  # a body that never ends: answer anyway
             await errors.answer(refusal)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-
-async def drain(receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return

@@ -67,9 +67,8 @@ async def paint_request(request: Request, format: str | None, strength: float, s
                             + ", ".join(f.media_type for f in FORMATS.values()))
     s = service.settings
     # A large photo is admitted (its work counted) or refused from its header while its body still arrives;
-    # after a refusal the server discards the rest. Not on a connection that closes after this answer: closing
-    # on unread bytes resets it, and the client would see the reset, not the answer.
-    closes = request.headers.get("connection", "").lower() == "close" or request.scope.get("http_version") == "1.0"
+    # after a refusal the server discards the rest (app/connections.py), also when the answer closes the
+    # connection.
     reserved = []
 
     def peek(head: bytes) -> None:
@@ -78,7 +77,7 @@ async def paint_request(request: Request, format: str | None, strength: float, s
 
     try:
         data = await image_bytes(request, s.max_upload_bytes, s.upload_timeout_s, request.app.state.upload_budget,
-                                 peek=None if closes else peek)
+                                 peek=peek)
         painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength, arrived=arrived,
                                        stroke_scale=stroke_scale, style=style,
                                        reserved=reserved[0] if reserved else None)

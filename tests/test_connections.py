@@ -258,3 +258,60 @@ def test_headers_that_never_finish_get_408_and_the_connection_closes(guarded):
         assert c.get(guarded.url + "/healthz").status_code == 200
     text = httpx.get(guarded.url + "/metrics").text
     assert metric(text, 'monet_connections_refused_total{reason="header_timeout"}') >= 2
+
+
+def test_a_refusal_on_arrival_is_answered_before_the_body_and_the_rest_is_discarded(tmp_path):
+    """Issue 34, item 6: a POST /translate the service refuses anyway (here: weights that cannot load) is
+    answered from its headers, before its body has come, so a burst's 503s do not wait behind the burst's
+    uploads. The client sends the rest anyway, as HTTP clients do: the server discards it, a kept-alive
+    connection then answers its next request, and one that asked to close is closed, not reset."""
+    import json
+    import re
+    import socket
+    import time
+
+    import httpx
+
+    from tests.conftest import Server
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    srv = Server(bad, ui="false")
+    try:
+        ready_by = time.time() + 120
+        while time.time() < ready_by:
+            try:
+                if httpx.get(srv.url + "/readyz").status_code == 503:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        body = bytes(2 * 1024 * 1024)
+
+        def answer(sock) -> tuple[bytes, dict]:
+            got = b""
+            while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < int(
+                    re.search(rb"content-length: (\d+)", got, re.I).group(1)):
+                chunk = sock.recv(65536)
+                assert chunk, got  # closed or reset before the whole answer
+                got += chunk
+            head, detail = got.split(b"\r\n\r\n", 1)
+            return head, json.loads(detail)
+
+        for connection in ("keep-alive", "close"):
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                sock.sendall(f"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                             f"Content-Length: {len(body)}\r\nConnection: {connection}\r\n\r\n".encode())
+                sock.sendall(body[:65536])  # the rest is not sent until the answer has come
+                head, detail = answer(sock)
+                assert head.split()[1] == b"503" and "cannot serve" in detail["detail"], head
+                sock.sendall(body[65536:])
+                if connection == "keep-alive":
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    head, _ = answer(sock)
+                    assert head.split()[1] == b"200", head
+                else:
+                    assert sock.recv(65536) == b""  # closed once the body is in (a reset would raise)
+        assert "Traceback" not in srv.output()
+    finally:
+        srv.stop()

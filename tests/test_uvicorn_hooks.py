@@ -23,5 +23,7 @@ def test_the_attributes_the_subclass_reads_are_still_set_by_uvicorn():
     for attribute in ("self.connections", "self.transport", "self.cycle"):
         assert attribute in protocol, f"HttpToolsProtocol no longer sets {attribute}"
     cycle = inspect.getsource(RequestResponseCycle)
-    for attribute in ("keep_alive", "response_started", "response_complete"):
+    for attribute in ("keep_alive", "response_started", "response_complete", "more_body", "transport"):
         assert f"self.{attribute}" in cycle, f"RequestResponseCycle no longer has {attribute}"
+    # LingeringClose stands in for the cycle's transport: the cycle must close the connection through it
+    assert "self.transport.close()" in cycle and "self.transport.write(" in cycle
