@@ -157,11 +157,12 @@ class GuardedProtocol(HttpToolsProtocol):
         self._receiving = False
         self._requests += 1
         self._cancel_header_timer()
+        previous = self.cycle
         super().on_headers_complete()
-        if self.cycle is not None:
+        if self.cycle is not None and self.cycle is not previous:  # a new request (not an upgrade)
             self.cycle.transport = LingeringClose(self, self.cycle)  # before its task first runs
-            if self.drain is not None and self.drain.draining:
-                self.cycle.keep_alive = False  # answered with Connection: close, then closed
+        if self.drain is not None and self.drain.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with Connection: close, then closed
 
     def last_request(self) -> None:
         """The request in progress (if any) is this connection's last: its answer says Connection: close.
