@@ -399,8 +399,5 @@ class PaintingService:
         (MONET_CODEC_THREADS, docs/architecture.md)."""
         if self.codecs is None or (self._codecs_in_bursts_only and (
                 self.batcher is None or self.batcher.admitted <= self._burst_from)):
-            # the requests already read go first: a burst's refusals (ArrivalGate) are answered before this
-            # decode holds the loop (about a millisecond each), not after the first sixteen of them
-            await asyncio.sleep(0)
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.codecs, fn, *args)
