@@ -1,5 +1,6 @@
 """The real server's connections (`python -m app` under uvicorn): SIGTERM loses no request, a connection cap,
 a header deadline. Protocol errors are counted, not only statuses."""
+import json
 import os
 import re
 import signal
@@ -265,15 +266,6 @@ def test_a_refusal_on_arrival_is_answered_before_the_body_and_the_rest_is_discar
     answered from its headers, before its body has come, so a burst's 503s do not wait behind the burst's
     uploads. The client sends the rest anyway, as HTTP clients do: the server discards it, a kept-alive
     connection then answers its next request, and one that asked to close is closed, not reset."""
-    import json
-    import re
-    import socket
-    import time
-
-    import httpx
-
-    from tests.conftest import Server
-
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
     srv = Server(bad, ui="false")
