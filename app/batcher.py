@@ -96,6 +96,7 @@ class LargeCost:
 
 
 RESERVATION_S = 5.0  # how long an upload's header holds its work in the large lane before its body is in
+ARRIVAL_HOLD_S = 1.0  # how long a request's headers hold its place in the queue before its body is in
 
 
 class Reservation:
@@ -335,6 +336,30 @@ class Slot:
             raise
 
 
+class ArrivalHold:
+    """A place in the queue held for a request from its headers until its body is in, at most ``hold_s``: a
+    burst beyond the queue is refused as it arrives instead of after all of its uploads were read, and a slow
+    upload holds a place no longer than ``hold_s`` (then its body, once in, takes a place if one is free, as
+    any request's). ``Batcher.slot`` takes it over; ``release`` lets it go (idempotent)."""
+
+    def __init__(self, batcher: "Batcher", hold_s: float = ARRIVAL_HOLD_S):
+        self.batcher, self.held = batcher, True
+        batcher.arriving += 1
+        self._expiry = asyncio.get_running_loop().call_later(hold_s, self.release)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.batcher.arriving -= 1
+            self._expiry.cancel()
+
+    def take(self) -> bool:
+        """True when the place was still held (it passes to the slot taking it)."""
+        held = self.held
+        self.release()
+        return held
+
+
 class Batcher:
     """Gathers concurrent requests into batches, each for one translator (one style): ``translator`` unless a
     request names another. ``translators()`` lists every translator in use, whose memory ``idle_release``
@@ -346,6 +371,7 @@ class Batcher:
         self.translator, self.max_batch, self.max_wait_s = translator, max_batch, max_wait_s
         self.translators = translators or (lambda: [translator] if translator is not None else [])
         self.queue_size, self.admitted = queue_size, 0
+        self.arriving = 0  # places held by requests whose body is still arriving (``ArrivalHold``)
         self.rates = {"batch": WorkRate()}  # the batches' measured seconds per megapixel (large: ``large_cost``)
         self.large_cost = LargeCost()  # a large painting's seconds, from its size and painted size
         self.waiting_s = {"batch": 0.0, "large": 0.0}  # admitted work whose painting has not started, in seconds
@@ -409,15 +435,20 @@ class Batcher:
                 job.future.set_exception(QueueFull("the service is shutting down"))
 
     def full(self) -> QueueFull | None:
-        """The refusal a request gets now, when ``queue_size`` are admitted; else None."""
-        if self.admitted >= self.queue_size:
+        """The refusal a request gets now, when ``queue_size`` are admitted or arriving; else None."""
+        if self.admitted + self.arriving >= self.queue_size:
             return QueueFull(f"the service is busy ({self.queue_size} requests are already waiting); retry shortly")
         return None
 
+    def hold(self, hold_s: float = ARRIVAL_HOLD_S) -> ArrivalHold | None:
+        """A place for a request whose body is still arriving (``ArrivalHold``), or None when the queue is full."""
+        return None if self.full() is not None else ArrivalHold(self, hold_s)
+
     @contextmanager
-    def slot(self):
-        """Admit one request (a ``Slot``), or raise QueueFull at once when ``queue_size`` are admitted."""
-        if (refusal := self.full()) is not None:
+    def slot(self, hold: ArrivalHold | None = None):
+        """Admit one request (a ``Slot``), or raise QueueFull at once when ``queue_size`` are admitted or
+        arriving. A request whose place was held since it arrived (``hold``, still held) takes that place."""
+        if not (hold is not None and hold.take()) and (refusal := self.full()) is not None:
             raise refusal
         self.admitted += 1
         slot = Slot(self)

@@ -76,15 +76,24 @@ class ArrivalGate:
     down, loading): no routing, no parameter validation, no multipart parsing, so under overload a 503 costs
     next to nothing. The answer goes out at once, before the body is read: the server (uvicorn with
     app/connections.py's protocol) discards the rest of the body as it arrives and keeps the connection until it
-    has, so the client is not reset. Draining it here first put the whole burst's uploads ahead of every 503."""
+    has, so the client is not reset. Draining it here first put the whole burst's uploads ahead of every 503.
+    A request let in holds its place in the queue while its body arrives (``PaintingService.arrival``; the
+    route's slot takes it over), so the next arrivals of a burst are judged with it counted."""
 
     def __init__(self, app, service: PaintingService):
         self.app, self.service = app, service
 
     async def __call__(self, scope, receive, send) -> None:
-        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/translate"
-                and (refusal := self.service.refusal_on_arrival()) is not None):
+        if not (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/translate"):
+            await self.app(scope, receive, send)
+            return
+        refusal, hold = self.service.arrival()
+        if refusal is not None:
             await errors.answer(refusal)(scope, receive, send)
             return
-        await self.app(scope, receive, send)
-
+        scope.setdefault("state", {})["hold"] = hold
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if hold is not None:  # its body never came in time, or the request ended before its slot
+                hold.release()

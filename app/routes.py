@@ -80,7 +80,8 @@ async def paint_request(request: Request, format: str | None, strength: float, s
                                  peek=peek)
         painting = await service.paint(data, fmt, gone=request.is_disconnected, strength=strength, arrived=arrived,
                                        stroke_scale=stroke_scale, style=style,
-                                       reserved=reserved[0] if reserved else None)
+                                       reserved=reserved[0] if reserved else None,
+                                       hold=getattr(request.state, "hold", None))
     finally:
         for held in reserved:  # counted by its slot already, unless the request ended before
             held.release()

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.batcher import Batcher, IdleRelease, Large, Reservation, Timing
+from app.batcher import ArrivalHold, Batcher, IdleRelease, Large, Reservation, Timing
 from app.catalogue import Catalogue
 from app.config import Settings
 from app.decoding import SMALL_PIXELS, DecodeBudget, Decoder, Opened
@@ -127,13 +127,16 @@ class PaintingService:
             return NotReady("the model is still loading", retry_after=5)
         return None
 
-    def refusal_on_arrival(self) -> NotReady | Busy | None:
-        """What a request for a painting gets as it arrives, before its body is read, when the answer is known
-        already: not ready or shutting down, or the queue full. None: read it (its place in the queue is
-        taken once the body is in, so a slow upload holds none)."""
+    def arrival(self) -> tuple[NotReady | Busy | None, ArrivalHold | None]:
+        """What a request for a painting gets as it arrives, before its body is read: a refusal when the answer
+        is known already (not ready or shutting down, or the queue full), else its place in the queue, held
+        until its body is in for at most a second (``ArrivalHold``), so that a burst beyond the queue is refused
+        as it arrives while a slow upload holds a place only that long."""
         if (refusal := self.readiness()) is not None:
-            return refusal
-        return self.batcher.full()
+            return refusal, None
+        if (refusal := self.batcher.full()) is not None:
+            return refusal, None
+        return None, self.batcher.hold()
 
     @property
     def ready(self) -> bool:
@@ -281,16 +284,17 @@ class PaintingService:
 
     async def paint(self, data: bytes, fmt: str, gone=None, strength: float = 1.0,
                     arrived: float | None = None, stroke_scale: float | None = None,
-                    style: str | None = None, reserved: Reservation | None = None) -> Painting:
+                    style: str | None = None, reserved: Reservation | None = None,
+                    hold: ArrivalHold | None = None) -> Painting:
         """Admit the request (which ``arrived`` then: time.monotonic()), then decode ``data``, translate it through
         the batcher in ``style`` (None: the default), blend ``strength`` of the painting with the photo, encode as
         ``fmt``. ``stroke_scale``: paint at 1/s of the size and bring it back (None: the image's default,
         model/stroke.py). ``reserved``: its work, counted from its header (``admit_early``). Raises a Refusal
-        (app.errors) or NonFiniteOutput."""
+        (app.errors) or NonFiniteOutput. ``hold``: its place, held since it arrived (``arrival``)."""
         if (refusal := self.readiness(arrived)) is not None:
             raise refusal
         self.catalogue.resolve(style)  # an unknown style: 404 before anything else
-        with self.batcher.slot() as slot:  # admitted before any decode: under overload a 503 costs nothing
+        with self.batcher.slot(hold) as slot:  # admitted before any decode: under overload a 503 costs nothing
             async with self.catalogue.use(style, self.settings.request_timeout_s) as chosen:
                 painting = await self._paint(data, fmt, gone, strength, stroke_scale, slot, chosen.translator,
                                              reserved)

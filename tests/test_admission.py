@@ -99,6 +99,36 @@ def test_a_reservation_from_the_header_counts_until_its_slot_takes_it_or_its_hol
     asyncio.run(run())
 
 
+def test_a_place_is_held_from_the_headers_until_the_slot_takes_it_or_the_hold_runs_out():
+    """Issue 34, item 6: a request holds its place in the queue from its headers (``ArrivalHold``), so the rest of
+    a burst beyond the queue is refused as it arrives, not once every upload is read; its slot takes that place
+    over without judging it again; a body that trickles lets its place go after the hold."""
+    import asyncio
+
+    from app.batcher import ArrivalHold, QueueFull
+
+    async def run() -> None:
+        b = Batcher(None, max_batch=4, max_wait_s=0.01, queue_size=2)
+        first, second = b.hold(), b.hold()
+        assert b.hold() is None and isinstance(b.full(), QueueFull)  # the third of the burst, as it arrives
+        with b.slot(first):  # the first body is in: it takes its own place
+            assert (b.admitted, b.arriving) == (1, 1)
+            with pytest.raises(QueueFull):  # no place for a request that held none
+                with b.slot():
+                    pass
+        second.release()  # the request ended before its body was in
+        assert (b.admitted, b.arriving) == (0, 0) and b.full() is None
+        slow = ArrivalHold(b, hold_s=0.05)  # headers, then a body that trickles
+        assert b.arriving == 1
+        await asyncio.sleep(0.2)
+        assert b.arriving == 0 and not slow.take()  # let go: its slot is judged as any request's
+        with b.slot(slow):
+            assert (b.admitted, b.arriving) == (1, 0)
+        assert (b.admitted, b.arriving) == (0, 0)
+
+    asyncio.run(run())
+
+
 def test_the_real_server_refuses_a_burst_of_large_photos_at_admission_and_paints_the_rest(tmp_path):
     """Issue 34, item 1, against the real server: before any large painting, the service has timed one at start
     (its first estimate is in /metrics); a burst of 12 MP photos sized from that estimate to be about 1.5 times

@@ -307,3 +307,43 @@ def test_a_refusal_on_arrival_is_answered_before_the_body_and_the_rest_is_discar
         assert "Traceback" not in srv.output()
     finally:
         srv.stop()
+
+
+def test_a_burst_beyond_the_queue_is_refused_as_it_arrives_and_a_stalled_upload_holds_no_place_for_long(weights):
+    """Issue 34, item 6: a request holds its place in the queue from its headers until its body is in, for a
+    second at most. With a queue of 2 and two uploads mid-body, the third request is answered 503 before its
+    own body is sent (before, every upload of a burst was read before the first 503); once the stalled uploads'
+    holds run out, other requests are painted while they still stall; and the stalled ones, once their bodies
+    come, are painted too."""
+    srv = Server(weights, ui="false", queue_size=2, max_batch_size=1).wait_ready()
+    body = encode(photo(64, 48, seed=5))
+    head = (f"POST /translate HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    stalled = [socket.create_connection(("127.0.0.1", srv.port), timeout=20) for _ in range(2)]
+    try:
+        for sock in stalled:
+            sock.sendall(head + body[:100])
+        deadline = time.time() + 20  # both have arrived (and the /metrics request itself)
+        while metric(httpx.get(srv.url + "/metrics").text, "monet_requests_in_progress") < 3:
+            assert time.time() < deadline, "the stalled uploads never arrived"
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as third:
+            third.sendall(head + body[:100])  # the rest of its body is never sent
+            answer = third.makefile("rb").read()  # the answer, then the close
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.split()[1] == b"503" and b"retry-after: 1" in rest.lower(), answer
+        assert "busy" in json.loads(rest.split(b"\r\n\r\n", 1)[1])["detail"]
+        deadline = time.time() + 20  # the holds run out after a second: a complete upload is painted
+        while (r := httpx.post(srv.url + "/translate", content=body, headers={"content-type": "image/jpeg"},
+                               timeout=20)).status_code == 503:
+            assert time.time() < deadline, r.text
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+        for sock in stalled:
+            sock.sendall(body[100:])
+            assert read_answers(sock, 1) == [200]
+        assert "Traceback" not in srv.output()
+    finally:
+        for sock in stalled:
+            sock.close()
+        srv.stop()

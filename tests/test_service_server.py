@@ -76,7 +76,7 @@ def test_overload_gets_503_with_retry_after_and_the_server_recovers(server):
     # while the queue is full, a request is answered as it arrives, before its body is parsed: a malformed
     # multipart body gets the same 503, not a 400, and the connection stays usable
     with ThreadPoolExecutor(6) as pool:
-        hold = [pool.submit(post_many, server.url, [body], 1) for _ in range(6)]
+        hold = [pool.submit(post_many, server.url, [body] * 5, 1) for _ in range(6)]  # 6 clients, 5 each
         gated = []  # 400 while a place is free, 503 while the queue is full
         while not all(f.done() for f in hold) and 503 not in [r.status_code for r in gated]:
             gated.append(httpx.post(server.url + "/translate", content=b"--x\r\nnot a multipart body",
