@@ -93,8 +93,9 @@ class PaintingService:
         # small images' decodes and encodes (libjpeg-turbo, fpng and Pillow release the GIL), off the event loop:
         # on one thread per core where the model runs elsewhere (a GPU). On a CPU, on the loop while the service is
         # calm (the path measured over many sessions; always on the thread, 256^2 throughput was within noise of
-        # it) and on one thread during a burst (over twice a batch admitted or arriving), where the decodes on the loop held up
-        # the burst's refusals: 300 uploads at once, the 503s' p99 129-138 ms against 87-104 ms (docs/service.md)
+        # it) and on one thread during a burst (over twice a batch admitted or arriving), where the decodes on the
+        # loop held up the burst's refusals: 300 uploads at once, the 503s' p99 129-138 ms against 87-104 ms
+        # (docs/service.md)
         threads = settings.codec_threads
         self._codecs_in_bursts_only = False  # an operator's MONET_CODEC_THREADS: always on its threads
         if threads is None:
