@@ -434,9 +434,14 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(QueueFull("the service is shutting down"))
 
+    @property
+    def taken(self) -> int:
+        """Places taken in the queue: requests admitted, and requests whose body is still arriving."""
+        return self.admitted + self.arriving
+
     def full(self) -> QueueFull | None:
         """The refusal a request gets now, when ``queue_size`` are admitted or arriving; else None."""
-        if self.admitted + self.arriving >= self.queue_size:
+        if self.taken >= self.queue_size:
             return QueueFull(f"the service is busy ({self.queue_size} requests are already waiting); retry shortly")
         return None
 

@@ -135,9 +135,9 @@ class PaintingService:
         as it arrives while a slow upload holds a place only that long."""
         if (refusal := self.readiness()) is not None:
             return refusal, None
-        if (refusal := self.batcher.full()) is not None:
-            return refusal, None
-        return None, self.batcher.hold()
+        if (hold := self.batcher.hold()) is None:  # the queue is full
+            return self.batcher.full(), None
+        return None, hold
 
     @property
     def ready(self) -> bool:
@@ -403,6 +403,6 @@ class PaintingService:
         fraction of anyio's ``to_thread``), else on the loop; on a CPU by default only during a burst
         (MONET_CODEC_THREADS, docs/architecture.md)."""
         if self.codecs is None or (self._codecs_in_bursts_only and (
-                self.batcher is None or self.batcher.admitted + self.batcher.arriving <= self._burst_from)):
+                self.batcher is None or self.batcher.taken <= self._burst_from)):
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.codecs, fn, *args)
