@@ -116,6 +116,14 @@ class GuardedProtocol(HttpToolsProtocol):
         """The request was answered while its body is still arriving (uvicorn discards what comes)."""
         return self.cycle is not None and self.cycle.response_complete and self.cycle.more_body
 
+    def _close_after_discard(self) -> bool:
+        """When the request was answered while its body still arrives: close the connection once the rest is in
+        and discarded (True); else False, nothing decided."""
+        if self._discarding() and not self.transport.is_closing():
+            self._close_after_body = True
+            return True
+        return False
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self._discarding() and not self.transport.is_closing() and self.body_timeout_s is not None:
@@ -181,8 +189,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._requests == 0:
             self.loop.call_later(FRESH_GRACE_S, self._close_if_silent)
             return
-        if self._discarding():
-            self._close_after_body = True  # answered; closed once the rest of its body is in
+        if self._close_after_discard():  # answered; closed once the rest of its body is in
             return
         if self.cycle is None or self.cycle.response_complete:
             # idle between requests: left open until its next request (answered 503, Connection: close) or
@@ -213,8 +220,7 @@ class LingeringClose:
         self.protocol, self.cycle = protocol, cycle
 
     def close(self) -> None:
-        if self.cycle.response_complete and self.cycle.more_body and not self.protocol.transport.is_closing():
-            self.protocol._close_after_body = True
+        if self.cycle is self.protocol.cycle and self.protocol._close_after_discard():
             return
         self.protocol.transport.close()
 
