@@ -206,6 +206,77 @@ def scan(folder: str) -> None:
         print(f"loader, --load-size 286: {name:<22} {1000 * t / len(some):.1f} ms an image  {base / t:.2f}x")
 
 
+SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch", "cudaMemcpyAsync",
+            "cudaMemsetAsync")
+
+
+def profile_step(step, photo, monet) -> dict:
+    """One step under the profiler: the operators the host dispatched (top level), the host syncs outside fused
+    Adam (whose CPU kernel reads its step count on the host) and, on CUDA, the launches (kernels, graphs, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(photo, monet)
+        sync(photo.device)
+    ops = syncs = launches = 0
+    for event in prof.events():
+        chain, parent = [], event.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        if event.name.startswith("aten::") and not any(c.startswith("aten::") for c in chain):
+            ops += 1
+        syncs += event.name in SYNCS and "aten::_fused_adam_" not in chain
+        launches += event.name in LAUNCHES
+    return {"ops": ops, "syncs": syncs, "launches": launches}
+
+
+def graph_check(args, device) -> None:
+    """Issue 35: the CUT recipe's step (cut-gpu: projected D, DiffAugment, EMA) eager against captured in one CUDA
+    graph (--cuda-graph), from one seed on the same random batches: images/s, what one step dispatches, and the
+    largest difference of their losses over the first steps (the capture is taken at step 4). Without CUDA the
+    graph-safe step runs uncaptured, so that the script itself is checked."""
+    from training.graphs import CapturedStep
+
+    small = dict(ngf=8, ndf=8, n_blocks=1) if args.small else {}
+    b = int((args.batch_sizes or "8").split(",")[0])
+    shape = (b, 3, args.image_size, args.image_size)
+    rows, losses = {}, {}
+    for captured in (False, True):
+        torch.manual_seed(0)
+        cfg = preset_config("cut-gpu", photos="x", paintings="y", out="unused", image_size=args.image_size,
+                            batch_size=b, discriminator=args.discriminator, cuda_graph=captured, **small)
+        trainer = CUT(cfg, device, total_steps=100_000)
+        step = trainer.step
+        if captured and device.type == "cuda":
+            step = CapturedStep(trainer)
+        data = torch.Generator().manual_seed(1)
+        batches = [tuple(trainer.nets.to_input(torch.randint(0, 256, shape, dtype=torch.uint8, generator=data))
+                         for _ in "pm") for _ in range(8)]
+        torch.manual_seed(2)
+        losses[captured] = torch.stack([step(*batches[i]).float().cpu() for i in range(8)])
+        counts = profile_step(step, *batches[0])
+        sync(device)
+        t = time.perf_counter()
+        for i in range(args.steps):
+            step(*batches[i % 8])
+        sync(device)
+        rate = args.steps * b / (time.perf_counter() - t)
+        label = "captured (--cuda-graph)" if captured and device.type == "cuda" else (
+            "graph-safe, not captured (no CUDA)" if captured else "eager")
+        rows[label] = (rate, counts)
+    base = next(iter(rows.values()))[0]
+    print(f"CUT step, {args.image_size}^2, batch {b}, --discriminator {args.discriminator}, device {device}, "
+          f"{trainer.nets.dtype or 'fp32'}:")
+    for label, (rate, c) in rows.items():
+        print(f"  {label:<36} {rate:8.1f} images/s  {rate / base:5.2f}x   per step: {c['ops']} operators, "
+              f"{c['launches']} launches, {c['syncs']} host syncs")
+    gap = (losses[True] - losses[False]).abs()
+    print(f"  losses over 8 steps, captured - eager: largest {gap.max():.4g} (relative "
+          f"{(gap / losses[False].abs().clamp_min(1e-3)).max():.3g}); eager's last {losses[False][-1].tolist()}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--scan", metavar="DIR", help="time the folder scan of DIR against a full decode of each file")
@@ -225,6 +296,10 @@ def main():
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--small", action="store_true", help="tiny networks, for a smoke test of this script")
+    p.add_argument("--graph-check", action="store_true", help="the CUT recipe's step eager against captured in a "
+                   "CUDA graph: images/s, launches and host syncs per step, the losses' largest difference "
+                   "(--image-size, first of --batch-sizes, --discriminator, --steps timed)")
+    p.add_argument("--discriminator", default="projected", help="--graph-check: patch, projected or both")
     args = p.parse_args()
     if args.scan:
         return scan(args.scan)
@@ -238,6 +313,8 @@ def main():
     sizes = [int(b) for b in (args.batch_sizes or ("1,8" if device.type == "cuda" else "1,4")).split(",")]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.graph_check:
+        return graph_check(args, device)
     for preset in args.presets.split(","):
         small = dict(ngf=8, ndf=8, n_blocks=1) if args.small else {}
         cfg = preset_config(preset, image_size=args.image_size, load_size=0, **small)

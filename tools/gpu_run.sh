@@ -13,7 +13,9 @@
 # Issue 35's figures: inference by batch up to 512 (bench_model), the folder conversion with its pipeline
 # against one step after the other (bench_convert), and the CUT recipe's training images/s at 128^2 (batch 8
 # and 32) and at 256^2 with --discriminator both, batches from disk against decoded once into GPU memory
-# (train_speed.txt; TRAIN_SPEED=0 skips it, about 3 minutes).
+# (train_speed.txt; TRAIN_SPEED=0 skips it, about 4 minutes), each shape also with the whole step captured in
+# one CUDA graph (--cuda-graph true, the data in memory), and the step alone eager against captured with the
+# losses' largest difference (bench_train --graph-check, at the head of train_speed.txt).
 # Files: gpu.txt bench_model.txt translate.txt bench_train.txt train_speed.txt fit.log best.safetensors
 # val_curve.jsonl (8 of 8).
 set -euo pipefail
@@ -30,6 +32,8 @@ speed_shapes=("--image-size 128 --batch-size 8" "--image-size 128 --batch-size 3
               "--image-size 256 --load-size 0 --discriminator both --batch-size 8")
 speed_args=(--num-workers 8)
 speed_steps=${SPEED_STEPS:-150}
+graph_args=(--image-size 128 --batch-sizes 8 --steps 200)
+speed_ways=("--data-in-memory off" "--data-in-memory on" "--data-in-memory on --cuda-graph true")
 model_args=(--seconds 4 --batches 1,16,64,128,256,512)
 [ "${RUNTIMES:-0}" = 1 ] && model_args+=(--runtimes)
 n_files=${TRANSLATE_FILES:-2000}
@@ -42,6 +46,8 @@ if [ "${SMOKE:-0}" = 1 ]; then  # a CPU check of this script: tiny networks and 
   speed_shapes=("--image-size 32 --batch-size 2" "--image-size 32 --batch-size 4")
   speed_args=(--ngf 8 --n-blocks 1 --ndf 8 --num-workers 0)
   speed_steps=4
+  graph_args=(--small --image-size 32 --batch-sizes 2 --steps 2)
+  speed_ways=("--data-in-memory off" "--data-in-memory on")  # a capture needs CUDA (--graph-check runs its step)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 
@@ -60,11 +66,12 @@ python -m benchmarks.bench_train --presets cpu,cyclegan --models cyclegan,fastcu
 
 # 3b. issue 35: the CUT recipe (projected D, DiffAugment, EMA) end to end, from disk against in GPU memory
 if [ "${TRAIN_SPEED:-1}" = 1 ]; then
+  python -m benchmarks.bench_train --graph-check "${graph_args[@]}" > "$out/train_speed.txt" 2>&1 || true
   for shape in "${speed_shapes[@]}"; do
-    for mem in off on; do
+    for way in "${speed_ways[@]}"; do
       python -m benchmarks.bench_train --end-to-end --photos "$data/photo" --paintings "$data/monet" \
         --steps "$speed_steps" --repeats 1 \
-        --fit-args "--model cut --discriminator projected ${speed_args[*]} $shape --data-in-memory $mem" \
+        --fit-args "--model cut --discriminator projected ${speed_args[*]} $shape $way" \
         >> "$out/train_speed.txt" 2>&1 || true
     done
   done

@@ -2,6 +2,8 @@
 matches each photo's per-channel mean and standard deviation in CIE Lab to the paintings'."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image
@@ -53,9 +55,17 @@ def colour_transfer(image: Image.Image, target_mean: np.ndarray, target_std: np.
     return Image.fromarray(lab_to_rgb(out), "RGB")
 
 
+@functools.cache
+def _matrix(kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The sRGB <-> XYZ matrix (white-normalised) on ``device``, made once: a training step that copied it from
+    the host every time could not be captured in a CUDA graph."""
+    m = _M / _WHITE[:, None] if kind == "to_xyz" else np.linalg.inv(_M) * _WHITE[None, :]
+    return torch.as_tensor(m, dtype=dtype, device=device)
+
+
 def _rgb_to_lab_t(x: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], (N, 3, H, W) -> CIE Lab (D65), as ``rgb_to_lab``, in torch."""
-    m = torch.as_tensor(_M / _WHITE[:, None], dtype=x.dtype, device=x.device)
+    m = _matrix("to_xyz", x.dtype, x.device)
     lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
     xyz = torch.einsum("ij,njhw->nihw", m, lin)
     f = torch.where(xyz > (6 / 29) ** 3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
@@ -67,7 +77,7 @@ def _lab_to_rgb_t(lab: torch.Tensor) -> torch.Tensor:
     fy = (lab[:, 0] + 16) / 116
     f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], 1)
     xyz = torch.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
-    m = torch.as_tensor(np.linalg.inv(_M) * _WHITE[None, :], dtype=lab.dtype, device=lab.device)
+    m = _matrix("from_xyz", lab.dtype, lab.device)
     lin = torch.einsum("ij,njhw->nihw", m, xyz).clamp(0, 1)
     return torch.where(lin > 0.0031308, 1.055 * lin.clamp_min(1e-12) ** (1 / 2.4) - 0.055, 12.92 * lin)
 

@@ -46,8 +46,9 @@ class PatchSampleF(nn.Module):
         out, ids = [], []
         for i, (feat, mlp) in enumerate(zip(feats, self.mlps)):
             flat = feat.flatten(2).transpose(1, 2)  # B, HW, C
-            if patch_ids is None:
-                idx = torch.randperm(flat.shape[1], device=feat.device)[: min(num_patches, flat.shape[1])]
+            if patch_ids is None:  # a random subset of places; a sort of random keys (randperm is not captured
+                # in a CUDA graph everywhere; this is, and the same draw on every device)
+                idx = torch.rand(flat.shape[1], device=feat.device).argsort()[: min(num_patches, flat.shape[1])]
             else:
                 idx = patch_ids[i]
             sample = mlp(flat[:, idx, :].flatten(0, 1).float())  # B*P, nc
@@ -158,6 +159,15 @@ class CUT:
     def step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
         """One update of G (and its MLP heads), then of D. Returns the detached losses [G_gan, nce, D_monet]
         as one tensor on the device (no host sync)."""
+        self.nets.begin_step()
+        losses = self.device_step(photo, monet)
+        self.nets.end_step()
+        return losses
+
+    def device_step(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
+        """``step``'s kernels, between the host's bookkeeping (``Networks.begin_step`` and ``end_step``): no host
+        sync and, with ``cfg.cuda_graph``, no number that changes between steps, so training/graphs.py can
+        capture it once and replay it."""
         nets, gan, aug = self.nets, self.gan, self.augment
         n = photo.shape[0]
         nets.discs.requires_grad_(False)  # D's weight gradients are never computed in G's update
@@ -182,7 +192,7 @@ class CUT:
                 loss_negatives = gan(d[2 * n :], False) * self.cfg.photo_negatives
                 losses.append(loss_negatives)
         nets.update(loss_D + loss_negatives if negatives else loss_D, nets.opt_D)
-        nets.finish_step()
+        nets.device_finish()
         return torch.stack([loss_gan, loss_nce, loss_D, *losses]).detach().float()
 
     def photo_negatives(self, photo: torch.Tensor, monet: torch.Tensor) -> list[torch.Tensor]:

@@ -103,8 +103,8 @@ class CycleGAN:
         """Raise ConfigError for an option this objective cannot take."""
         if cfg.discriminator != "patch":
             raise ConfigError(f"--discriminator {cfg.discriminator} works with --model cut or fastcut")
-        if cfg.photo_negatives or cfg.lambda_texture:
-            raise ConfigError("--photo-negatives and --lambda-texture work with --model cut or fastcut")
+        if cfg.photo_negatives or cfg.lambda_texture or cfg.cuda_graph:
+            raise ConfigError("--photo-negatives, --lambda-texture and --cuda-graph work with --model cut or fastcut")
 
     def __init__(self, cfg: TrainConfig, device: torch.device, total_steps: int, world_size: int = 1):
         self.cfg = cfg

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv, __doc__)
         device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        check_cuda_graph(cfg, device, world_size)
         checkpoint = load_checkpoint(latest_checkpoint(Path(cfg.out)), map_location="cpu") if cfg.resume else None
         data = load_data(cfg)
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:
@@ -88,8 +89,13 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
     d_losses = [objective.loss_names.index(name) for name in objective.d_loss_names]
     out_of_time = interrupted = False
 
+    step_fn = objective.step
+    if cfg.cuda_graph:
+        from training.graphs import CapturedStep
+
+        step_fn = CapturedStep(objective)
     for photo_u8, monet_u8 in batches:
-        running += objective.step(nets.to_input(photo_u8), nets.to_input(monet_u8))
+        running += step_fn(nets.to_input(photo_u8), nets.to_input(monet_u8))
         step, n_log = nets.step, n_log + 1
         out_of_time = state.seconds() >= budget
         stop_now = stopper.requested or out_of_time
@@ -127,6 +133,21 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
     if main_rank:
         finish(cfg, out, nets.step, total, interrupted and out_of_time and not stopper.requested, interrupted)
     return 0
+
+
+def check_cuda_graph(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
+    """Raise ConfigError where ``--cuda-graph`` cannot capture: no CUDA device, several processes, or a precision
+    that resolves to fp16 here (its loss scaler reads the device every step)."""
+    from model.runtime import autocast_dtype
+
+    if not cfg.cuda_graph:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"--cuda-graph needs a CUDA device; this run is on {device.type}")
+    if world_size > 1:
+        raise ConfigError("--cuda-graph captures one process's step; with torchrun leave it off")
+    if autocast_dtype(device, cfg.precision) == torch.float16:
+        raise ConfigError("--cuda-graph needs --precision bf16 or fp32 (this GPU's auto precision is fp16)")
 
 
 def data_batches(cfg: TrainConfig, device: torch.device, photos, paintings, dataset: UnpairedDataset,

@@ -107,9 +107,19 @@ class Networks:
         # took 12 ms a step against 20 ms for foreach, which on CPU still loops over the tensors
         fused = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
         betas = (cfg.beta1, cfg.beta2)
-        self.opt_G = torch.optim.Adam(self.gens.parameters(), lr=lr, betas=betas, **fused)
+        # graph_safe (--cuda-graph): the step's kernels read every number that changes between steps from the
+        # device (the lr, Adam's step count, the EMA weight), so one captured step can be replayed for all
+        self.graph_safe = bool(cfg.cuda_graph)
+        self.opt_G = torch.optim.Adam(self.gens.parameters(), lr=self._lr(lr), betas=betas, **fused,
+                                      **self._capturable())
         trainable = [p for p in self.discs.parameters() if p.requires_grad]  # not a frozen feature network
-        self.opt_D = torch.optim.Adam(trainable, lr=lr * cfg.lr_d_mult, betas=betas, **fused)
+        self.opt_D = torch.optim.Adam(trainable, lr=self._lr(lr * cfg.lr_d_mult), betas=betas, **fused,
+                                      **self._capturable())
+        # the schedules start from numbers (a tensor's would be read back from the device every step) and, when
+        # graph_safe, fill the lr tensors the captured kernels read (tie_lr)
+        self._lr_tensors = [g["lr"] for g in self._groups()] if self.graph_safe else []
+        for group in self._groups():
+            group["initial_lr"] = float(group["lr"])
         factor = lr_factor(total_steps, cfg.decay)
         self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, factor)
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, factor)
@@ -125,8 +135,13 @@ class Networks:
                 if isinstance(m, InstanceNorm2d):
                     m.nhwc_kernel = kernel
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.ema = EMA(self.gens.G, cfg.ema) if cfg.ema > 0 else None
+        self.ema = EMA(self.gens.G, cfg.ema, device_weight=self.graph_safe) if cfg.ema > 0 else None
         if cfg.compile:
+            import torch._inductor.config as inductor
+
+            # the compiled networks draw PatchNCE's patches from PyTorch's generator, as the eager ones do (Inductor's
+            # own random numbers would give another run from the same seed)
+            inductor.fallback_random = True
             self.gens.compile()
             self.discs.compile()
         self.gens_run, self.discs_run = self.gens, self.discs
@@ -136,12 +151,25 @@ class Networks:
             self.discs_run = DDP(self.discs, device_ids=ids, broadcast_buffers=False)
         self.step = 0
 
+    def _lr(self, lr: float) -> float | torch.Tensor:
+        """An optimiser's lr: a number, or with ``graph_safe`` a tensor on the device that the schedule fills."""
+        return torch.tensor(lr, dtype=torch.float32, device=self.device) if self.graph_safe else lr
+
+    def _capturable(self) -> dict:
+        return {"capturable": True} if self.graph_safe and self.device.type == "cuda" else {}
+
+    def _groups(self) -> list[dict]:
+        return [*self.opt_G.param_groups, *self.opt_D.param_groups]
+
     @property
     def lr(self) -> float:
-        return self.sched_G.get_last_lr()[0]
+        return float(self.sched_G.get_last_lr()[0])
 
     def autocast(self):
-        return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
+        if self.dtype is None:
+            return nullcontext()
+        # a captured step recasts the weights each replay: autocast's cache of casts must not outlive the capture
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not self.graph_safe)
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW from the loader -> float in [-1, 1] on the device, in the layout the update wants."""
@@ -157,12 +185,36 @@ class Networks:
 
     def finish_step(self) -> None:
         """Scaler, schedules, EMA and the step counter, after both optimisers stepped."""
+        self.begin_step()
+        self.device_finish()
+        self.end_step()
+
+    def begin_step(self) -> None:
+        """The host's part before a step's kernels: the EMA weight of this step's update."""
+        if self.ema is not None:
+            self.ema.advance()
+
+    def device_finish(self) -> None:
+        """The device's part after both optimisers stepped: the EMA update (kernels only)."""
+        if self.ema is not None:
+            self.ema.apply(self.gens.G)
+
+    def end_step(self) -> None:
+        """The host's part after a step: the scaler, the schedules (which fill the lr tensors when graph_safe)
+        and the step counter."""
         self.scaler.update()
         self.sched_G.step()
         self.sched_D.step()
-        if self.ema is not None:
-            self.ema.update(self.gens.G)
+        self.tie_lr()
         self.step += 1
+
+    def tie_lr(self) -> None:
+        """With graph_safe, each optimiser's lr is the tensor its captured kernels read, holding the schedule's
+        value (a PyTorch whose schedules assign a number in place of filling the tensor is caught here)."""
+        for group, tensor in zip(self._groups(), self._lr_tensors):
+            if group["lr"] is not tensor:
+                tensor.fill_(float(group["lr"]))
+                group["lr"] = tensor
 
     def generator(self) -> nn.Module:
         """The photo->Monet generator that validation and export use: the EMA copy when there is one."""
@@ -190,14 +242,17 @@ class Networks:
         self.discs.load_state_dict(state["discriminators"])
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
+        for group in self._groups():  # numbers, whichever way it was saved; tie_lr puts graph_safe's tensors back
+            group["lr"], group["initial_lr"] = float(group["lr"]), float(group.get("initial_lr", group["lr"]))
         self.sched_G.load_state_dict(state["sched_G"])
         self.sched_D.load_state_dict(state["sched_D"])
+        self.tie_lr()
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"])
             else:  # EMA switched on for a resumed run: start the average from the current weights
-                self.ema = EMA(self.gens.G, self.cfg.ema)
+                self.ema = EMA(self.gens.G, self.cfg.ema, device_weight=self.graph_safe)
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)

@@ -1,0 +1,72 @@
+"""The whole training step as one CUDA graph (``--cuda-graph``, issue 35).
+
+On a GPU the CUT step is bound by launches, not arithmetic: a few thousand small kernels (the two networks
+forward and backward, DiffAugment, PatchNCE's sampling, fused Adam, the EMA) each cost the host more than the
+card. ``CapturedStep`` runs the objective's ``device_step`` eagerly for a few warm-up steps (cuDNN's autotuning,
+Adam's state and the allocator settle), captures it once into a CUDA graph with static input tensors, and then,
+for every batch, copies the batch in and replays the graph: one launch a step. What changes between steps lives
+on the device and is filled between replays by the host's bookkeeping (``Networks.begin_step`` and
+``end_step``: the schedules' lr tensors, the EMA weight); random draws come from PyTorch's graph-safe generator,
+so every replay draws afresh. The step makes no host sync (a test counts them on CPU).
+
+What a capture needs: CUDA, one process (no DDP), no fp16 loss scaler, no ``--compile``; config and
+``training.fit`` refuse the rest with a message. A batch of another shape than the captured one (none with the
+step sampler's full batches) runs eagerly.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class CapturedStep:
+    """``step(photo, monet)`` as ``objective.step`` does it, replayed from one CUDA graph after ``warmup`` eager
+    steps. ``objective`` has ``nets`` (training/parts.py, built with ``cfg.cuda_graph``) and ``device_step``."""
+
+    def __init__(self, objective, warmup: int = 3):
+        self.objective, self.nets, self.warmup = objective, objective.nets, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.eager_steps = self.replays = 0
+
+    def __call__(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
+        self.nets.begin_step()
+        if self.static is not None and photo.shape == self.static[0].shape and monet.shape == self.static[1].shape:
+            self.static[0].copy_(photo, non_blocking=True)
+            self.static[1].copy_(monet, non_blocking=True)
+            self.graph.replay()
+            self.replays += 1
+            losses = self.static[2].clone()
+        elif self.graph is None and self.eager_steps >= self.warmup:
+            losses = self._capture(photo, monet)
+        else:
+            losses = self._eager(photo, monet)
+        self.nets.end_step()
+        return losses
+
+    def _eager(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
+        """One step eagerly on a side stream (as PyTorch's whole-network capture warms up)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            losses = self.objective.device_step(photo, monet)
+        torch.cuda.current_stream().wait_stream(side)
+        self.eager_steps += 1
+        return losses
+
+    def _record(self, photo: torch.Tensor, monet: torch.Tensor):
+        """The step on these static inputs captured (recorded, not run): (the graph, its static losses)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            losses = self.objective.device_step(photo, monet)
+        return graph, losses
+
+    def _capture(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
+        """Capture the step on this batch, then replay it once: a capture records kernels without running them."""
+        static_photo, static_monet = photo.clone(), monet.clone()
+        for optimiser in (self.nets.opt_G, self.nets.opt_D):
+            optimiser.zero_grad(set_to_none=True)  # the captured backward writes the gradients, never adds to them
+        graph, static_losses = self._record(static_photo, static_monet)
+        graph.replay()
+        self.graph, self.static = graph, (static_photo, static_monet, static_losses)
+        self.replays += 1
+        return static_losses.clone()
