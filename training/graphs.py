@@ -4,7 +4,8 @@ On a GPU the CUT step is bound by launches, not arithmetic: a few thousand small
 forward and backward, DiffAugment, PatchNCE's sampling, fused Adam, the EMA) each cost the host more than the
 card. ``CapturedStep`` runs the objective's ``device_step`` eagerly for a few warm-up steps (cuDNN's autotuning,
 Adam's state and the allocator settle), captures it once into a CUDA graph with static input tensors, and then,
-for every batch, copies the batch in and replays the graph: one launch a step. What changes between steps lives
+for every batch, copies the batch in and replays the graph: one graph launch a step, beside a few small
+copies and fills (the batch in, the losses out, the lr and EMA weight). What changes between steps lives
 on the device and is filled between replays by the host's bookkeeping (``Networks.begin_step`` and
 ``end_step``: the schedules' lr tensors, the EMA weight); random draws come from PyTorch's graph-safe generator,
 so every replay draws afresh. The step makes no host sync (a test counts them on CPU).
@@ -56,7 +57,9 @@ class CapturedStep:
     def _record(self, photo: torch.Tensor, monet: torch.Tensor):
         """The step on these static inputs captured (recorded, not run): (the graph, its static losses)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a loader's pin-memory thread may allocate while this thread captures (the global mode
+        # would fail the capture for it)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             losses = self.objective.device_step(photo, monet)
         return graph, losses
 
