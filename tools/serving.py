@@ -11,7 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+try:
+    import httpx
+except ImportError:  # a GPU machine with torch alone: the benchmarks that start no server (bench_convert) still run
+    httpx = None
 
 ROOT = Path(__file__).resolve().parent.parent
 
