@@ -7,8 +7,10 @@
 #   OUT=/tmp/out tools/gpu_run.sh [MINUTES]       # there: run with carry [".data/gpu"]; MINUTES of
 #                                                      # training at the end (default 1; 0 skips it)
 #
-# About 2.5 minutes of benchmarks (RUNTIMES=1 adds torch.compile max-autotune and more, several minutes),
-# then MINUTES of training plus its validation.
+# About 3 minutes of inference and conversion benchmarks (RUNTIMES=1 adds torch.compile max-autotune and more,
+# several minutes), about 5 of training speed (seven training.fit runs, 120 steps each, and --graph-check), then
+# MINUTES of training and its export: an estimate of 9-10 minutes with MINUTES=1, never timed on a GPU
+# (TRAIN_SPEED=0 or MINUTES=0 make room).
 # Tested on CPU with a tiny budget: SMOKE=1 OUT=/tmp/out tools/gpu_run.sh 0.2
 # Issue 35's figures: inference by batch up to 512 (bench_model), the folder conversion with its pipeline
 # against one step after the other (bench_convert), and the CUT recipe's training images/s at 128^2 (batch 8
@@ -31,7 +33,7 @@ bench_small=()
 speed_shapes=("--image-size 128 --batch-size 8" "--image-size 128 --batch-size 32"
               "--image-size 256 --load-size 0 --discriminator both --batch-size 8")
 speed_args=(--num-workers 8)
-speed_steps=${SPEED_STEPS:-150}
+speed_steps=${SPEED_STEPS:-120}
 graph_args=(--image-size 128 --batch-sizes 8 --steps 200)
 speed_ways=("--data-in-memory off" "--data-in-memory on" "--data-in-memory on --cuda-graph true")
 model_args=(--seconds 4 --batches 1,16,64,128,256,512)
