@@ -242,8 +242,10 @@ def graph_check(args, device) -> None:
     small = dict(ngf=8, ndf=8, n_blocks=1) if args.small else {}
     b = int((args.batch_sizes or "8").split(",")[0])
     shape = (b, 3, args.image_size, args.image_size)
-    rows, losses = {}, {}
-    for captured in (False, True):
+    losses, base = {}, None
+    print(f"CUT step, {args.image_size}^2, batch {b}, --discriminator {args.discriminator}, device {device}:",
+          flush=True)
+    for captured in (False, True):  # each row printed as it is measured: a capture that fails keeps the eager row
         torch.manual_seed(0)
         cfg = preset_config("cut-gpu", photos="x", paintings="y", out="unused", image_size=args.image_size,
                             batch_size=b, discriminator=args.discriminator, cuda_graph=captured, **small)
@@ -265,13 +267,10 @@ def graph_check(args, device) -> None:
         rate = args.steps * b / (time.perf_counter() - t)
         label = "captured (--cuda-graph)" if captured and device.type == "cuda" else (
             "graph-safe, not captured (no CUDA)" if captured else "eager")
-        rows[label] = (rate, counts)
-    base = next(iter(rows.values()))[0]
-    print(f"CUT step, {args.image_size}^2, batch {b}, --discriminator {args.discriminator}, device {device}, "
-          f"{trainer.nets.dtype or 'fp32'}:")
-    for label, (rate, c) in rows.items():
-        print(f"  {label:<36} {rate:8.1f} images/s  {rate / base:5.2f}x   per step: {c['ops']} operators, "
-              f"{c['launches']} launches, {c['syncs']} host syncs")
+        base = base or rate
+        print(f"  {label:<36} {rate:8.1f} images/s  {rate / base:5.2f}x   per step: {counts['ops']} operators, "
+              f"{counts['launches']} launches, {counts['syncs']} host syncs ({trainer.nets.dtype or 'fp32'})",
+              flush=True)
     gap = (losses[True] - losses[False]).abs()
     print(f"  losses over 8 steps, captured - eager: largest {gap.max():.4g} (relative "
           f"{(gap / losses[False].abs().clamp_min(1e-3)).max():.3g}); eager's last {losses[False][-1].tolist()}")
