@@ -206,38 +206,12 @@ def scan(folder: str) -> None:
         print(f"loader, --load-size 286: {name:<22} {1000 * t / len(some):.1f} ms an image  {base / t:.2f}x")
 
 
-SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
-LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch", "cudaMemcpyAsync",
-            "cudaMemsetAsync")
-
-
-def profile_step(step, photo, monet) -> dict:
-    """One step under the profiler: the operators the host dispatched (top level), the host syncs outside fused
-    Adam (whose CPU kernel reads its step count on the host) and, on CUDA, the launches (kernels, graphs, copies)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(photo, monet)
-        sync(photo.device)
-    ops = syncs = launches = 0
-    for event in prof.events():
-        chain, parent = [], event.cpu_parent
-        while parent is not None:
-            chain.append(parent.name)
-            parent = parent.cpu_parent
-        if event.name.startswith("aten::") and not any(c.startswith("aten::") for c in chain):
-            ops += 1
-        syncs += event.name in SYNCS and "aten::_fused_adam_" not in chain
-        launches += event.name in LAUNCHES
-    return {"ops": ops, "syncs": syncs, "launches": launches}
-
-
 def graph_check(args, device) -> None:
     """Issue 35: the CUT recipe's step (cut-gpu: projected D, DiffAugment, EMA) eager against captured in one CUDA
     graph (--cuda-graph), from one seed on the same random batches: images/s, what one step dispatches, and the
     largest difference of their losses over the first steps (the capture is taken at step 4). Without CUDA the
     graph-safe step runs uncaptured, so that the script itself is checked."""
-    from training.graphs import CapturedStep
+    from training.graphs import CapturedStep, dispatch_counts
 
     small = dict(ngf=8, ndf=8, n_blocks=1) if args.small else {}
     b = int((args.batch_sizes or "8").split(",")[0])
@@ -258,7 +232,7 @@ def graph_check(args, device) -> None:
                          for _ in "pm") for _ in range(8)]
         torch.manual_seed(2)
         losses[captured] = torch.stack([step(*batches[i]).float().cpu() for i in range(8)])
-        counts = profile_step(step, *batches[0])
+        counts = dispatch_counts(step, *batches[0])
         sync(device)
         t = time.perf_counter()
         for i in range(args.steps):
@@ -269,7 +243,7 @@ def graph_check(args, device) -> None:
             "graph-safe, not captured (no CUDA)" if captured else "eager")
         base = base or rate
         print(f"  {label:<36} {rate:8.1f} images/s  {rate / base:5.2f}x   per step: {counts['ops']} operators, "
-              f"{counts['launches']} launches, {counts['syncs']} host syncs ({trainer.nets.dtype or 'fp32'})",
+              f"{counts['launches']} launches, {sum(counts['syncs'].values())} host syncs ({trainer.nets.dtype or 'fp32'})",
               flush=True)
     gap = (losses[True] - losses[False]).abs()
     print(f"  losses over 8 steps, captured - eager: largest {gap.max():.4g} (relative "

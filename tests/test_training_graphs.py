@@ -8,14 +8,13 @@ CPU stand-in for the graph; a checkpoint moves between the two forms; and the op
 """
 from __future__ import annotations
 
-import collections
 import copy
 
 import pytest
 import torch
 
 from training.config import preset_config
-from training.graphs import CapturedStep
+from training.graphs import CapturedStep, dispatch_counts
 from training.objectives import OBJECTIVES
 
 SIDE = 32
@@ -64,37 +63,22 @@ def test_the_graph_safe_step_learns_exactly_what_the_plain_step_learns():
         torch.testing.assert_close(a, b, **CLOSE)
 
 
-SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::masked_select", "aten::unique")
-
-
 @pytest.mark.parametrize("discriminator,tools", [
     ("projected", {}), ("both", {"photo_negatives": 0.5, "lambda_texture": 1.0})])
 def test_a_cut_step_makes_no_host_sync(discriminator, tools):
     """A GPU step is a queue of kernels only while nothing reads a device value back on the host (.item(),
     bool(tensor), a data-dependent shape): each such read drains the queue, and none can be captured. The
-    profiler counts them on CPU. Fused Adam's CPU kernel reads its step count on the host (on CUDA that is one
-    kernel reading it on the device), so reads inside it are not the step's."""
-    from torch.profiler import ProfilerActivity, profile
-
+    profiler counts them on CPU (dispatch_counts, which bench_train --graph-check prints too). Fused Adam's CPU
+    kernel reads its step count on the host (on CUDA that is one kernel reading it on the device), so reads inside
+    it are not the step's."""
     obj = objective(True, 100, discriminator=discriminator, **tools)
     data = list(batches(3))
     for photo, monet in data[:2]:  # Adam's state and the lazy parts exist before the profiled step
         obj.step(obj.nets.to_input(photo), obj.nets.to_input(monet))
     photo, monet = (obj.nets.to_input(t) for t in data[2])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        obj.device_step(photo, monet)
-    reads, ops = collections.Counter(), 0
-    for event in prof.events():
-        ops += event.name.startswith("aten::")
-        if event.name in SYNCS:
-            parent, inside_adam = event.cpu_parent, False
-            while parent is not None:
-                inside_adam |= parent.name == "aten::_fused_adam_"
-                parent = parent.cpu_parent
-            if not inside_adam:
-                reads[event.name] += 1
-    assert ops > 500  # the step was profiled
-    assert not reads, f"host syncs in the step: {dict(reads)}"
+    counts = dispatch_counts(obj.device_step, photo, monet)
+    assert counts["ops"] > 500  # the step was profiled
+    assert not counts["syncs"], f"host syncs in the step: {dict(counts['syncs'])}"
 
 
 class _ReplayOnCPU:

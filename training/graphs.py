@@ -16,7 +16,39 @@ step sampler's full batches) runs eagerly.
 """
 from __future__ import annotations
 
+import collections
+
 import torch
+
+# operators that read a device value back on the host (.item(), bool(tensor), a data-dependent shape): each drains
+# the GPU's queue, and none can be captured
+HOST_SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::masked_select", "aten::unique")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch", "cudaMemcpyAsync",
+            "cudaMemsetAsync")
+
+
+def dispatch_counts(fn, *args) -> dict:
+    """``fn(*args)`` under PyTorch's profiler: ``ops``, the operators the host dispatched (top level: each one or
+    more kernels on a GPU); ``syncs``, the host syncs by name (a Counter), those inside fused Adam left out (its CPU
+    kernel reads its step count on the host; on CUDA that is one kernel reading it on the device); ``launches``,
+    on CUDA, the kernels, graphs and copies launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(*args)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    ops, launches, syncs = 0, 0, collections.Counter()
+    for event in prof.events():
+        chain, parent = [], event.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        ops += event.name.startswith("aten::") and not any(name.startswith("aten::") for name in chain)
+        launches += event.name in LAUNCHES
+        if event.name in HOST_SYNCS and "aten::_fused_adam_" not in chain:
+            syncs[event.name] += 1
+    return {"ops": ops, "syncs": syncs, "launches": launches}
 
 
 class CapturedStep:
