@@ -224,9 +224,8 @@ def graph_check(args, device) -> None:
         cfg = preset_config("cut-gpu", photos="x", paintings="y", out="unused", image_size=args.image_size,
                             batch_size=b, discriminator=args.discriminator, cuda_graph=captured, **small)
         trainer = CUT(cfg, device, total_steps=100_000)
-        step = trainer.step
-        if captured and device.type == "cuda":
-            step = CapturedStep(trainer)
+        capture = captured and device.type == "cuda"
+        step = CapturedStep(trainer) if capture else trainer.step
         data = torch.Generator().manual_seed(1)
         batches = [tuple(trainer.nets.to_input(torch.randint(0, 256, shape, dtype=torch.uint8, generator=data))
                          for _ in "pm") for _ in range(8)]
@@ -239,7 +238,7 @@ def graph_check(args, device) -> None:
             step(*batches[i % 8])
         sync(device)
         rate = args.steps * b / (time.perf_counter() - t)
-        label = "captured (--cuda-graph)" if captured and device.type == "cuda" else (
+        label = "captured (--cuda-graph)" if capture else (
             "graph-safe, not captured (no CUDA)" if captured else "eager")
         base = base or rate
         print(f"  {label:<36} {rate:8.1f} images/s  {rate / base:5.2f}x   per step: {counts['ops']} operators, "

@@ -58,12 +58,12 @@ class CapturedStep:
     def __init__(self, objective, warmup: int = 3):
         self.objective, self.nets, self.warmup = objective, objective.nets, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # set with the graph
         self.eager_steps = self.replays = 0
 
     def __call__(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
         self.nets.begin_step()
-        if self.static is not None and photo.shape == self.static[0].shape and monet.shape == self.static[1].shape:
+        if self.graph is not None and photo.shape == self.static[0].shape and monet.shape == self.static[1].shape:
             self.static[0].copy_(photo, non_blocking=True)
             self.static[1].copy_(monet, non_blocking=True)
             self.graph.replay()
