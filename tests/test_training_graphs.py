@@ -2,7 +2,8 @@
 
 The captured graph itself needs CUDA (the last test, skipped here; tools/gpu_run.sh runs bench_train's
 --graph-check there). On any machine: the graph-safe step (its lr, Adam step counts and EMA weight read from
-tensors the host fills between steps) learns exactly what the plain step learns; the step makes no host sync;
+tensors the host fills between steps) learns exactly what the plain step learns; the step makes no host sync
+and no tensor on the host;
 CapturedStep's bookkeeping (warm-up, static inputs, the host's work between replays, another batch shape) with a
 CPU stand-in for the graph; a checkpoint moves between the two forms; and the options it cannot take are refused.
 """
@@ -79,6 +80,26 @@ def test_a_cut_step_makes_no_host_sync(discriminator, tools):
     counts = dispatch_counts(obj.device_step, photo, monet)
     assert counts["ops"] > 500  # the step was profiled
     assert not counts["syncs"], f"host syncs in the step: {dict(counts['syncs'])}"
+
+
+@pytest.mark.parametrize("discriminator,tools", [
+    ("projected", {}), ("both", {"photo_negatives": 0.5, "lambda_texture": 1.0})])
+def test_a_cut_step_makes_every_tensor_on_the_batchs_device(discriminator, tools):
+    """A tensor the step makes on the host (``torch.tensor(...)``, a factory without ``device=``) is a copy to the
+    GPU in every step, which a capture refuses, or a host number frozen into the graph. Under a default device of
+    "meta" every such tensor lands there, and PyTorch refuses to mix it with the step's CPU tensors: the step runs
+    through only if it makes each tensor on its inputs' or its parameters' device."""
+    obj = objective(True, 100, discriminator=discriminator, **tools)
+    data = list(batches(3))
+    for photo, monet in data[:2]:
+        obj.step(obj.nets.to_input(photo), obj.nets.to_input(monet))
+    photo, monet = (obj.nets.to_input(t) for t in data[2])
+    obj.nets.begin_step()
+    with torch.device("meta"):
+        losses = obj.device_step(photo, monet)
+    assert losses.device.type == "cpu" and torch.isfinite(losses).all()
+    with torch.device("meta"), pytest.raises(RuntimeError, match="meta"):  # what the check catches
+        photo * torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1, 1)
 
 
 class _ReplayOnCPU:
