@@ -1,6 +1,9 @@
 """The GPU path (model/codecs.py, model/backends.py) on the device this machine has: torchvision's codecs on CPU stand in for
 nvJPEG, the same code otherwise; CUDA graphs are checked only where CUDA is."""
 import io
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -164,25 +167,58 @@ def test_cuda_graphs_bookkeeping_buckets_batches_and_keeps_the_most_recent_shape
 
 def test_the_gpu_scripts_smoke_mode_runs_every_measurement_on_cpu(tmp_path):
     """tools/gpu_run.sh is the one prepared call on a lent GPU (issue 35): its smoke mode runs every part here,
-    with tiny networks on tiny images, so the call does not fail on the card for a reason a CPU could show."""
-    data = tmp_path / "data"
-    for sub, n, base in (("photo", 30, 0), ("monet", 6, 100)):
-        (data / sub).mkdir(parents=True)
-        for i in range(n):
-            photo(64, 64, seed=base + i).save(data / sub / f"{i}.jpg")
+    with tiny networks on tiny images, so the call does not fail on the card for a reason a CPU could show. Then
+    the generators of its equal-images check are scored as they would be here after the call: on the held-out
+    photos the call never had (tools/heldout.py), beside the raw photos and the colour transfer."""
+    from tools.heldout import split
+
+    whole, data = tmp_path / "photos", tmp_path / "data"
+    whole.mkdir()
+    for i in range(40):
+        photo(64, 64, seed=i).save(whole / f"{i}.jpg")
+    train, held = split(whole)
+    assert len(held) >= 2 and len(train) + len(held) == 40
+    (data / "photo").mkdir(parents=True)
+    (data / "monet").mkdir()
+    for path in train:  # what tools/prepare_gpu_data.sh sends: never a held-out photo
+        shutil.copy(path, data / "photo" / path.name)
+    for i in range(6):
+        photo(64, 64, seed=100 + i).save(data / "monet" / f"{i}.jpg")
     out = tmp_path / "out"
-    env = {**__import__("os").environ, "SMOKE": "1", "OUT": str(out), "GPU_DATA": str(data)}
-    r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_run.sh"), "0.1"], cwd=ROOT, env=env, capture_output=True,
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "GPU_DATA": str(data)}
+    r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_run.sh"), "32"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     files = {p.name for p in out.iterdir()}
-    assert {"gpu.txt", "bench_model.txt", "translate.txt", "bench_train.txt", "train_speed.txt", "fit.log",
-            "best.safetensors", "val_curve.jsonl"} <= files and len(files) <= 8
+    ways = ["eq_b8_eager", "eq_b8_graph", "eq_b32_graph"]
+    assert files == {"gpu.txt", "bench_model.txt", "translate.txt", "equal_images.txt", "train_speed.txt"} | {
+        f"{w}.safetensors" for w in ways}  # 8: what one call brings back
+    report = (out / "gpu.txt").read_text()
+    assert report.count("done: ") == 8 and "failed" not in report and "stopped" not in report, report
     assert "images/s" in (out / "bench_model.txt").read_text()
     convert = (out / "translate.txt").read_text()
     assert convert.count("conversion") == 2 and "Traceback" not in convert, convert
     speed = (out / "train_speed.txt").read_text()
-    assert speed.count("end to end") == 3 and speed.count("--data-in-memory on") == 2, speed
+    assert speed.count("end to end") == 2 and speed.count("--data-in-memory on") == 2, speed
     assert "Traceback" not in speed
     assert "CUT step" in speed and "graph-safe, not captured" in speed and "0 host syncs" in speed, speed
-    Translator.from_file(out / "best.safetensors", device="cpu")
+    equal = (out / "equal_images.txt").read_text()
+    runs = [json.loads(line.removeprefix("summary ")) for line in equal.splitlines() if line.startswith("summary ")]
+    assert [(r["name"], r["images"], r["batch"]) for r in runs] == [
+        ("eq_b8_eager", 32, 2), ("eq_b8_graph", 32, 2), ("eq_b32_graph", 32, 8)], equal
+    assert all(r["images_per_s"] > 0 for r in runs)
+    for way in ways:
+        Translator.from_file(out / f"{way}.safetensors", device="cpu")
+
+    scored = subprocess.run([sys.executable, "-m", "tools.score_gpu_run", str(out), "--photos", str(whole),
+                             "--paintings", str(data / "monet"), "--device", "cpu"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in scored.stdout.splitlines()
+             if line.startswith("| ") and "---" not in line]
+    assert table[0][6:8] == ["KID", "KID / raw"]
+    assert [row[0] for row in table[1:]] == ["raw photos", "colour transfer", *sorted(ways)]
+    assert f"{len(held)} held-out photos" in scored.stdout
+    assert table[1][7] == "1.00" and table[1][1] == ""  # KID / raw of the raw photos; no images seen
+    assert {row[0]: (row[1], row[2]) for row in table[3:]} == {
+        "eq_b32_graph": ("32", "8"), "eq_b8_eager": ("32", "2"), "eq_b8_graph": ("32", "2")}  # equal_images.txt

@@ -48,6 +48,6 @@ def test_what_the_gpu_call_runs_imports_on_a_machine_with_torch_alone():
             "            raise ImportError(f'No module named {name!r} (absent on the GPU machine)')\n"
             "sys.meta_path.insert(0, Absent())\n"
             "import benchmarks.bench_model, benchmarks.bench_convert, benchmarks.bench_train, training.fit, "
-            "training.export, training.graphs, model.translate\n")
+            "training.export, training.graphs, model.translate, tools.score_gpu_run\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
