@@ -15,7 +15,9 @@
 4. With --runtimes, forward passes alone on every runtime this machine has, to choose the backend:
    torch eager fp32 / bf16 channels-last, torch.compile with freezing (CPU) or max-autotune (CUDA),
    ONNX Runtime, OpenVINO bf16 (our graph and the original) / f32, OpenVINO with one stream per core.
-On CUDA it also reports peak GPU memory and the share of wall time the host spends outside the GPU.
+On CUDA it also reports peak GPU memory and the share of wall time the host spends outside the GPU, and for
+one call at the largest batch up to 64 where the time goes (benchmarks/profiling.py: the GPU's busy share and
+its largest kernels; on CPU the operators).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from benchmarks.profiling import describe, where_time_goes
 from model.backends import openvino_available
 from model.runtime import cpu_cores
 from model.networks import ResnetGenerator, for_inference, init_weights
@@ -234,6 +237,16 @@ def main() -> None:
             wall = (time.perf_counter() - wall) * 1000
             results.setdefault("host_share", {})[b] = max(0.0, 1 - start.elapsed_time(end) / wall) if wall else 0.0
 
+    # where one call's time goes, at the largest batch up to 64: the GPU's busy share and its largest kernels
+    # (on CPU, the operators), so that the next lever is chosen from figures
+    probe = max([b for b in batches if b <= 64] or batches[:1])
+    try:
+        batch = rng.integers(0, 256, (probe, 256, 256, 3), dtype=np.uint8)
+        t.translate_arrays(batch)
+        results["profile"] = {"batch": probe, **where_time_goes(t.translate_arrays, batch, cuda=device.type == "cuda")}
+    except Exception as exc:  # the profiler costs its lines, never the figures
+        print(f"profile failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+
     # 3. JPEG files in, JPEG files out: Pillow around the translator, against the device codecs (model/codecs.py:
     # nvJPEG on CUDA, pixels never on the host; torchvision's libjpeg on CPU)
     from model.codecs import paint_jpegs
@@ -291,6 +304,9 @@ def main() -> None:
           f"device codecs (model/codecs.py) {jf['device_codec_images_per_s']:.2f} images/s "
           f"({jf['device_codec_images_per_s'] / jf['pillow_images_per_s']:.2f}x; p50 {jf['device_codec_p50_ms']:.1f} ms, "
           f"p99 {jf['device_codec_p99_ms']:.1f} ms per call)")
+    if "profile" in results:
+        print(f"one call of the translator at batch {results['profile']['batch']} under the profiler:")
+        print(describe(results["profile"], indent="  "))
     if "host_share" in results:
         print("host share of wall time:", ", ".join(f"batch {b}: {v:.0%}" for b, v in results["host_share"].items()),
               f"; peak GPU memory {results['gpu_peak_memory_mib']:.0f} MiB")

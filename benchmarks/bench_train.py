@@ -211,6 +211,7 @@ def graph_check(args, device) -> None:
     graph (--cuda-graph), from one seed on the same random batches: images/s, what one step dispatches, and the
     largest difference of their losses over the first steps (the capture is taken at step 4). Without CUDA the
     graph-safe step runs uncaptured, so that the script itself is checked."""
+    from benchmarks.profiling import describe, where_time_goes
     from training.graphs import CapturedStep, dispatch_counts
 
     small = dict(ngf=8, ndf=8, n_blocks=1) if args.small else {}
@@ -244,6 +245,10 @@ def graph_check(args, device) -> None:
         print(f"  {label:<36} {rate:8.1f} images/s  {rate / base:5.2f}x   per step: {counts['ops']} operators, "
               f"{counts['launches']} launches, {sum(counts['syncs'].values())} host syncs ({trainer.nets.dtype or 'fp32'})",
               flush=True)
+        try:  # one more step under the profiler: the GPU's busy share and its largest kernels (CPU: operators)
+            print(describe(where_time_goes(step, *batches[1], cuda=device.type == "cuda")), flush=True)
+        except Exception as exc:  # a profiler that fails on the card costs its lines, not the figures above
+            print(f"    profile failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     gap = (losses[True] - losses[False]).abs()
     print(f"  losses over 8 steps, captured - eager: largest {gap.max():.4g} (relative "
           f"{(gap / losses[False].abs().clamp_min(1e-3)).max():.3g}); eager's last {losses[False][-1].tolist()}")

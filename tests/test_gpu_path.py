@@ -165,6 +165,20 @@ def test_cuda_graphs_bookkeeping_buckets_batches_and_keeps_the_most_recent_shape
     assert captured[0][1].replays == 2 and captured[1][1].replays == 1
 
 
+def test_where_time_goes_counts_the_top_level_operators_and_ranks_them():
+    """benchmarks/profiling.py, which the GPU call prints for a training step and a translator call (on CUDA the
+    kernels; here the operators): each top-level operator once, its inner ones not again, the largest first."""
+    from benchmarks.profiling import describe, where_time_goes
+
+    conv = torch.nn.Conv2d(3, 8, 3)
+    x = torch.rand(2, 3, 64, 64)
+    prof = where_time_goes(lambda: torch.relu(conv(x)).sum(), cuda=False)
+    assert sorted(name for name, _, _ in prof["top"]) == ["aten::conv2d", "aten::relu", "aten::sum"]
+    assert prof["count"] == 3 and prof["top"][0][0] == "aten::conv2d"
+    assert 0 < prof["busy_ms"] <= prof["wall_ms"]
+    assert describe(prof).count("\n") == 3 and "operator time" in describe(prof)
+
+
 def test_the_gpu_scripts_smoke_mode_runs_every_measurement_on_cpu(tmp_path):
     """tools/gpu_run.sh is the one prepared call on a lent GPU (issue 35): its smoke mode runs every part here,
     with tiny networks on tiny images, so the call does not fail on the card for a reason a CPU could show. Then
@@ -202,6 +216,8 @@ def test_the_gpu_scripts_smoke_mode_runs_every_measurement_on_cpu(tmp_path):
     assert speed.count("end to end") == 2 and speed.count("--data-in-memory on") == 2, speed
     assert "Traceback" not in speed
     assert "CUT step" in speed and "graph-safe, not captured" in speed and "0 host syncs" in speed, speed
+    assert speed.count("where the time goes: operator time") == 2, speed  # the eager and graph-safe steps
+    assert "where the time goes" in (out / "bench_model.txt").read_text()
     equal = (out / "equal_images.txt").read_text()
     runs = [json.loads(line.removeprefix("summary ")) for line in equal.splitlines() if line.startswith("summary ")]
     assert [(r["name"], r["images"], r["batch"]) for r in runs] == [
