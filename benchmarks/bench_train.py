@@ -241,6 +241,9 @@ def graph_check(args, device) -> None:
         rate = args.steps * b / (time.perf_counter() - t)
         label = "captured (--cuda-graph)" if capture else (
             "graph-safe, not captured (no CUDA)" if captured else "eager")
+        if capture and step.failed:
+            label = "capture failed: eager"
+            print(f"  the capture failed: {step.failed}", flush=True)
         base = base or rate
         print(f"  {label:<36} {rate:8.1f} images/s  {rate / base:5.2f}x   per step: {counts['ops']} operators, "
               f"{counts['launches']} launches, {sum(counts['syncs'].values())} host syncs ({trainer.nets.dtype or 'fp32'})",

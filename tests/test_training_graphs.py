@@ -140,6 +140,25 @@ def test_captured_step_warms_up_captures_once_and_replays_with_the_hosts_work_be
     assert safe.nets.step == len(sizes) and safe.nets.ema.updates == len(sizes)
 
 
+def test_a_capture_that_fails_leaves_the_run_learning_eagerly_with_one_warning(capsys):
+    """An operator the card cannot capture must not end a run the user started with --cuda-graph: the failing
+    capture is reported in one line and every step, that one included, runs eagerly: the plain step's losses."""
+    class FailsToCapture(CapturedOnCPU):
+        def _record(self, photo, monet):  # as a capture that meets an operator it cannot record: nothing ran
+            raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    sizes = [2] * 6
+    plain, safe = objective(False, len(sizes)), objective(True, len(sizes))
+    expected, _ = train(plain, plain.step, len(sizes), sizes)
+    captured = FailsToCapture(safe, warmup=2)
+    got, _ = train(safe, captured, len(sizes), sizes)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "could not be captured" in err and "stream is capturing" in err, err
+    assert captured.graph is None and captured.failed and captured.eager_steps == 6 and captured.replays == 0
+    assert safe.nets.step == len(sizes)
+    torch.testing.assert_close(got, expected, **CLOSE)
+
+
 def test_a_checkpoint_moves_between_the_graph_safe_and_the_plain_step():
     """Three graph-safe steps, a checkpoint, three more after loading it into a graph-safe or a plain objective:
     the same as six uninterrupted; the loaded lr is back in the tensor a captured graph reads."""

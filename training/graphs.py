@@ -12,11 +12,12 @@ so every replay draws afresh. The step makes no host sync (a test counts them on
 
 What a capture needs: CUDA, one process (no DDP), no fp16 loss scaler, no ``--compile``; config and
 ``training.fit`` refuse the rest with a message. A batch of another shape than the captured one (none with the
-step sampler's full batches) runs eagerly.
+step sampler's full batches) runs eagerly, and so does every step after a capture that fails (one warning).
 """
 from __future__ import annotations
 
 import collections
+import sys
 
 import torch
 
@@ -60,6 +61,7 @@ class CapturedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # set with the graph
         self.eager_steps = self.replays = 0
+        self.failed: str | None = None  # why the capture failed, if it did: the steps then run eagerly
 
     def __call__(self, photo: torch.Tensor, monet: torch.Tensor) -> torch.Tensor:
         self.nets.begin_step()
@@ -69,7 +71,7 @@ class CapturedStep:
             self.graph.replay()
             self.replays += 1
             losses = self.static[2].clone()
-        elif self.graph is None and self.eager_steps >= self.warmup:
+        elif self.graph is None and self.failed is None and self.eager_steps >= self.warmup:
             losses = self._capture(photo, monet)
         else:
             losses = self._eager(photo, monet)
@@ -100,7 +102,13 @@ class CapturedStep:
         static_photo, static_monet = photo.clone(), monet.clone()
         for optimiser in (self.nets.opt_G, self.nets.opt_D):
             optimiser.zero_grad(set_to_none=True)  # the captured backward writes the gradients, never adds to them
-        graph, static_losses = self._record(static_photo, static_monet)
+        try:
+            graph, static_losses = self._record(static_photo, static_monet)
+        except RuntimeError as exc:  # an operator PyTorch cannot capture here: the run goes on, eagerly
+            self.failed = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            print(f"warning: --cuda-graph: the step could not be captured ({self.failed}); it runs eagerly",
+                  file=sys.stderr, flush=True)
+            return self._eager(photo, monet)  # a capture records without running: this batch is still to learn
         graph.replay()
         self.graph, self.static = graph, (static_photo, static_monet, static_losses)
         self.replays += 1
