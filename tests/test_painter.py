@@ -80,7 +80,7 @@ def test_the_texture_loss_trains_the_generator_and_leaves_the_feature_network_bi
     losses = dict(zip(obj.loss_names, obj.step(photos, paintings).tolist()))
     assert losses["texture"] > 0
     assert all(torch.equal(a, b) for a, b in zip(frozen, obj.texture.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(buffers, obj.texture.buffers()))  # BatchNorm statistics too
+    assert all(torch.equal(a, b) for a, b in zip(buffers, obj.texture.buffers()))  # its folded constants too
     # not part of the networks: checkpoints keep their keys
     assert not any(k.startswith("texture") for k in obj.state_dict()["generators"])
 

@@ -73,7 +73,7 @@ def test_a_projected_step_trains_the_heads_and_leaves_the_feature_network_untouc
         assert isinstance(d, PixelAndFeatureDiscriminator)
         d, patch = d.projected, d.patch
     assert isinstance(d, ProjectedDiscriminator)
-    frozen = {k: v.clone() for k, v in d.features.state_dict().items()}
+    frozen = {k: v.clone() for k, v in d.features.named_buffers()}  # constants (folded), not parameters
     projection = {k: v.clone() for k, v in d.project.state_dict().items()}
     heads = {k: v.clone() for k, v in d.heads.state_dict().items()}
     pixels = {k: v.clone() for k, v in patch.state_dict().items()} if patch is not None else {}
@@ -85,8 +85,8 @@ def test_a_projected_step_trains_the_heads_and_leaves_the_feature_network_untouc
         losses = objective.step(x, x.flip(-1))
     assert torch.isfinite(losses).all()
     assert d.features.training is False  # BatchNorm keeps ImageNet statistics even in train mode
-    assert all(p.grad is None and not p.requires_grad for p in d.features.parameters())
-    assert all(torch.equal(frozen[k], v) for k, v in d.features.state_dict().items())
+    assert not list(d.features.parameters()) and len(frozen) == 96 and not d.features.state_dict()
+    assert all(torch.equal(frozen[k], v) for k, v in d.features.named_buffers())
     assert all(torch.equal(projection[k], v) for k, v in d.project.state_dict().items())
     assert any(not torch.equal(heads[k], v) for k, v in d.heads.state_dict().items())
     if patch is not None:
@@ -139,3 +139,37 @@ def test_a_fine_tuning_run_starts_from_the_given_generator_and_exports_into_the_
     assert translator.info.training["config"]["init_generator"] == "start.safetensors"  # by name: no absolute path
     (painting,) = translator.translate([photo(36, 28)])
     assert painting.size == (36, 28)
+
+
+def test_folded_batchnorms_give_the_unfolded_features_and_older_checkpoints_still_load():
+    """FrozenFeatures folds each BatchNorm into its convolution (fewer operators a step) and keeps the weights as
+    constants out of checkpoints: the same features to float rounding, and a discriminator saved with the
+    unfolded weights (as before) loads, its feature network untouched by them."""
+    from training.projected import FrozenFeatures
+
+    unfolded, folded = FrozenFeatures(fold=False), FrozenFeatures()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in unfolded.modules())
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        for a, b in zip(unfolded(x), folded(x)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    # gradients to the input (the generator learns through them) as well
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    sum(f.square().mean() for f in unfolded(xa)).backward()
+    sum(f.square().mean() for f in folded(xb)).backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-3, atol=1e-3 * xa.grad.abs().max().item())
+
+    torch.manual_seed(0)
+    old = ProjectedDiscriminator(ndf=8, features=unfolded)
+    state = old.state_dict()
+    assert sum(k.startswith("features.") for k in state) == 288  # what a checkpoint held before
+    new = ProjectedDiscriminator(ndf=8, features=folded)
+    constants = {k: v.clone() for k, v in new.features.named_buffers()}
+    new.load_state_dict(state)  # strict: no unexpected or missing key
+    assert all(torch.equal(constants[k], v) for k, v in new.features.named_buffers())
+    assert all(torch.equal(state[k], v) for k, v in new.heads.state_dict(prefix="heads.").items())
+    assert not any(k.startswith("features.") for k in new.state_dict())
+    with torch.no_grad():
+        y = torch.rand(2, 3, 64, 64) * 2 - 1
+        torch.testing.assert_close(new(y), old(y), rtol=1e-3, atol=1e-3)
