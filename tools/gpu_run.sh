@@ -33,7 +33,7 @@ out=${OUT:?set OUT to the folder whose files come back}
 data=${GPU_DATA:-.data/gpu}
 budget=${BUDGET_S:-570}
 started=$SECONDS
-mkdir -p "$out"
+mkdir -p "$out" runs
 speed_steps=${SPEED_STEPS:-120}
 graph_args=(--image-size 128 --batch-sizes 8 --steps 200)
 speed_runs=("--image-size 256 --load-size 0 --discriminator both --batch-size 8 --data-in-memory on"
