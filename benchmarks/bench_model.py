@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from benchmarks.profiling import describe, where_time_goes
 from model.backends import openvino_available
 from model.runtime import cpu_cores
-from model.networks import ResnetGenerator, for_inference, init_weights
+from model.networks import InstanceNorm2d, ResnetGenerator, for_inference, init_weights
 from model.runtime import resolve_device
 from model.translator import Translator
 from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS
@@ -203,6 +204,15 @@ def main() -> None:
                          "vs_reference": {n: ips[n] / base[n] for n in E2E_BATCHES},
                          "best_vs_best_reference": max(ips.values()) / max(base.values()),
                          "mad_levels_vs_fp32": mad(truth, t.translate(images))}
+    # the same torch translator with PyTorch's own instance norm in eval (the layer before the NHWC group norm,
+    # model/networks.py), to show what that change is worth on this machine
+    generator, info = load_generator(args.weights)
+    before = Translator(native_norm(generator), info, device=str(device), backend="torch", max_batch=64)
+    ips = {n: timed(lambda: before.translate(images[:n]), n, args.seconds, device) for n in E2E_BATCHES}
+    results["torch_native_norm"] = {"images_per_s": ips, "ours_vs_it": {n: ours["torch"]["images_per_s"][n] / ips[n]
+                                                                        for n in E2E_BATCHES},
+                                    "mad_levels_vs_fp32": mad(truth, before.translate(images))}
+    del before
     results["end_to_end"] = ours
     best_backend = max(ours, key=lambda b: max(ours[b]["images_per_s"].values()))
     results["best_backend"] = best_backend
@@ -236,6 +246,18 @@ def main() -> None:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - wall) * 1000
             results.setdefault("host_share", {})[b] = max(0.0, 1 - start.elapsed_time(end) / wall) if wall else 0.0
+
+    if best_backend == "torch":  # the torch translator at a large batch with PyTorch's own norm beside it
+        big = max([b for b in batches if b <= 128] or batches[:1])
+        generator, info = load_generator(args.weights)
+        before = Translator(native_norm(generator), info, device=str(device), backend="torch", max_batch=big)
+        batch = rng.integers(0, 256, (big, 256, 256, 3), dtype=np.uint8)
+        ips = timed(lambda: before.translate_arrays(batch), big, args.seconds, device)
+        diff = np.abs(t.translate_arrays(batch).astype(int) - before.translate_arrays(batch))
+        results["native_norm_batch"] = {"batch": big, "images_per_s": ips, "mean_levels": float(diff.mean()),
+                                        "max_levels": int(diff.max()),
+                                        "ours_vs_it": results["translator_batches"][big]["images_per_s"] / ips}
+        del before
 
     # where one call's time goes, at the largest batch up to 64: the GPU's busy share and its largest kernels
     # (on CPU, the operators), so that the next lever is chosen from figures
@@ -291,6 +313,10 @@ def main() -> None:
         ips, vs = r["images_per_s"], r["vs_reference"]
         print(f"| {args.weights.name}, Translator, {backend} {r['dtype']} | {ips[1]:.2f} | **{vs[1]:.2f}x** | "
               f"{ips[8]:.2f} | **{vs[8]:.2f}x** | {r['mad_levels_vs_fp32']:.3f} |")
+    nn_ = results["torch_native_norm"]
+    print(f"| the torch row with PyTorch's own instance norm (before) | {nn_['images_per_s'][1]:.2f} | "
+          f"ours {nn_['ours_vs_it'][1]:.2f}x | {nn_['images_per_s'][8]:.2f} | ours {nn_['ours_vs_it'][8]:.2f}x | "
+          f"{nn_['mad_levels_vs_fp32']:.3f} |")
     print(f"best of ours / best of the reference: {ours[best_backend]['best_vs_best_reference']:.2f}x ({best_backend})")
     print(f"translator ({best_backend}) by batch size (images/s, p50 / p99 per batch):",
           ", ".join(f"batch {b}: {v['images_per_s']:.2f} ({v['p50_ms']:.1f} / {v['p99_ms']:.1f} ms)"
@@ -299,6 +325,11 @@ def main() -> None:
         print("same translator without CUDA graphs:", ", ".join(f"batch {b}: {v:.2f} images/s ("
               f"graphs {results['translator_batches'][b]['images_per_s'] / v:.2f}x)" for b, v in results["eager_batches"].items()),
               f"; largest difference {results['graphs_vs_eager_max_levels']} levels")
+    if "native_norm_batch" in results:
+        nb = results["native_norm_batch"]
+        print(f"batch {nb['batch']} with PyTorch's own instance norm (before): {nb['images_per_s']:.2f} images/s "
+              f"(ours {nb['ours_vs_it']:.2f}x); ours against it: {nb['mean_levels']:.3f} levels mean, "
+              f"{nb['max_levels']} at most")
     jf = results["jpeg_files"]
     print(f"JPEG files in and out, {jf['files_per_call']} per call: Pillow codecs {jf['pillow_images_per_s']:.2f} images/s, "
           f"device codecs (model/codecs.py) {jf['device_codec_images_per_s']:.2f} images/s "
@@ -316,6 +347,15 @@ def main() -> None:
         print("| runtime, forward only, batch 1 | images/s | vs best torch path |\n| --- | --- | --- |")
         for name, v in rt.items():
             print(f"| {name} | {v:.2f} | {v / best_torch:.2f}x |")
+
+
+def native_norm(generator: torch.nn.Module) -> torch.nn.Module:
+    """``generator`` with each of its instance norms running PyTorch's own layer (``nn.InstanceNorm2d.forward``)
+    instead of the NHWC group norm that model/networks.py's layer uses on a channels-last input: the baseline."""
+    for m in generator.modules():
+        if isinstance(m, InstanceNorm2d):
+            m.forward = types.MethodType(torch.nn.InstanceNorm2d.forward, m)
+    return generator
 
 
 def cpu_name() -> str:

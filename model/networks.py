@@ -39,14 +39,16 @@ class _Described:
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):
-    """``nn.InstanceNorm2d`` (no running statistics) that keeps a channels-last input channels-last in training.
+    """``nn.InstanceNorm2d`` (no running statistics) that keeps a channels-last input channels-last, in training and in eval.
 
     PyTorch's instance norm reshapes its input to one batch-norm "batch" of N*C channels, which for an NHWC
-    tensor means two full copies per layer, forward and backward. On such an input, in training mode, this
-    computes the same statistics with ``group_norm`` (one group per channel), whose CPU and CUDA kernels work on
-    NHWC in place (training/parts.py runs channels-last). In eval mode it is PyTorch's own layer whatever the
-    layout, so inference, and the graphs that OpenVINO and CUDA graphs capture from it, are unchanged.
-    Parameters and state-dict keys are nn.InstanceNorm2d's.
+    tensor means two full copies per layer, forward and backward (and the next convolution copies the NCHW
+    result back to NHWC). On such an input this computes the same statistics with ``group_norm`` (one group per
+    channel), whose CPU kernel works on NHWC in place: in training (training/parts.py runs channels-last) and in
+    eval, where the torch backend runs its channels-last bf16 generator (benchmarks/bench_model.py: the shipped
+    generator 1.5x faster end to end on a 2-core AMD EPYC, and closer to the fp32 result, since the kernel
+    accumulates in fp32). A traced graph (OpenVINO's and ONNX's exports) keeps PyTorch's own layer, so those
+    exports are unchanged. Parameters and state-dict keys are nn.InstanceNorm2d's.
 
     ``nhwc_kernel``, when a trainer sets it (training.parts: a compiled ``instance_norm_nhwc``), takes the place
     of ``group_norm`` on that path."""
@@ -54,8 +56,12 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     nhwc_kernel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.dim() == 4 and not self.track_running_stats and not x.is_contiguous() \
+        if x.dim() == 4 and not self.track_running_stats and not x.is_contiguous() \
                 and x.is_contiguous(memory_format=torch.channels_last):
+            if not self.training:
+                if torch.jit.is_tracing():  # an export: PyTorch's own layer (OpenVINO and ONNX read it as MVN)
+                    return super().forward(x)
+                return nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
             if self.nhwc_kernel is not None:
                 with torch.autocast(x.device.type, enabled=False):
                     return self.nhwc_kernel(x, self.weight, self.bias, self.eps)

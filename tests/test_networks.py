@@ -81,3 +81,27 @@ def test_for_inference_leaves_other_generators_and_rejects_other_convolutions():
     assert for_inference(unet) is unet
     with pytest.raises(ValueError, match="stride-1"):
         PhaseConvTanh(torch.nn.Conv2d(8, 3, 3, stride=2))
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_in_eval_a_channels_last_instance_norm_is_pytorchs_layer_in_place(affine):
+    """In eval, on an NHWC input, the layer computes PyTorch's instance norm (as a group norm, one group per
+    channel) without leaving channels-last; in bf16 it is no further from the fp32 result than PyTorch's layer."""
+    from model.networks import InstanceNorm2d
+
+    norm = InstanceNorm2d(16, affine=affine).eval()
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(3, 16, 20, 12) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.InstanceNorm2d.forward(norm, x.contiguous())
+    with torch.no_grad():
+        y = norm(x)
+        y16 = norm.to(torch.bfloat16)(x.to(torch.bfloat16))
+        theirs16 = torch.nn.InstanceNorm2d.forward(norm, x.to(torch.bfloat16))
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert y16.is_contiguous(memory_format=torch.channels_last) and y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    ours_err = (y16.float() - expected).abs().mean()
+    assert ours_err <= (theirs16.float() - expected).abs().mean() * 1.05 and ours_err < 0.01

@@ -38,9 +38,10 @@ def test_instance_norm_on_channels_last_matches_pytorchs_forward_and_backward(af
         assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_in_eval_mode_the_norm_is_pytorchs_own_layer_so_inference_graphs_are_unchanged():
+def test_a_traced_norm_is_pytorchs_own_layer_so_exported_graphs_are_unchanged():
     """OpenVINO traces the generator from uint8 NHWC images permuted to NCHW (a channels-last view): in eval
-    mode that must still export as instance norm (MVN), not as group norm."""
+    mode eager torch runs a group norm on such an input, but a traced graph must still export as instance
+    norm (MVN), not as group norm."""
     norm = InstanceNorm2d(4).eval()
     x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
     graph = torch.jit.trace(norm, x).inlined_graph
