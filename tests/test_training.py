@@ -310,3 +310,29 @@ def test_bad_hyperparameters_and_damaged_config(folders, tmp_path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "config.json").write_text("{not json")
     assert "damaged" in one_line_failure(fit(folders, tmp_path / "e", "--resume"))
+
+
+def test_keep_large_blocks_keeps_a_freed_large_block_in_the_process():
+    """training.fit on CPU (--keep-memory, the default) keeps freed large blocks for the next step: without it
+    glibc unmaps a 64 MB block when it is freed and the next step faults it in again."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "from model.runtime import keep_large_blocks\n"
+        "kept = sys.argv[1] == 'keep' and keep_large_blocks()\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+        "x = torch.ones(64 << 18)\n"  # 64 MB, every page touched
+        "before = rss(); del x; after = rss()\n"
+        "print(kept, before - after)\n"
+    )
+    out = {}
+    for mode in ("keep", "default"):
+        run = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        kept, released = run.stdout.split()
+        out[mode] = (kept == "True", int(released))
+    assert out["keep"][0], "glibc's mallopt was not found"
+    assert out["default"][1] >= 60  # the default: the block goes back to the OS when freed
+    assert out["keep"][1] < 8  # kept: still in the process for the next allocation

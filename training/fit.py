@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from model.runtime import resolve_device, use_cpu_threads
+from model.runtime import keep_large_blocks, resolve_device, use_cpu_threads
 from model.weights import atomic_write, save_generator
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, config_from_args
@@ -51,7 +51,7 @@ def train(cfg: TrainConfig, device: torch.device, data: dict, checkpoint: dict |
     """Train from ``checkpoint`` (None: from scratch) to the end of the schedule, ``cfg.stop_at_step``, the
     time budget or a signal; checkpoint; export at the end of the schedule. Returns the exit code."""
     main_rank, out = rank == 0, Path(cfg.out)
-    set_up_device(device, world_size)
+    set_up_device(device, world_size, cfg.keep_memory)
     torch.manual_seed(cfg.seed)
     photos, paintings = data["photos"], data["paintings"]
     steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(photos.files) / (cfg.batch_size * world_size))
@@ -181,7 +181,7 @@ def load_data(cfg: TrainConfig) -> dict:
     return {"photos": photos, "paintings": paintings, "val_files": val_files}
 
 
-def set_up_device(device: torch.device, world_size: int) -> None:
+def set_up_device(device: torch.device, world_size: int, keep_memory: bool = True) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -189,6 +189,8 @@ def set_up_device(device: torch.device, world_size: int) -> None:
         torch.backends.cudnn.allow_tf32 = True
     else:
         use_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if keep_memory:
+            keep_large_blocks()
 
 
 def make_validator(cfg: TrainConfig, device, val_files, paintings, dtype) -> Validator | None:
