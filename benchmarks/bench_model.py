@@ -251,8 +251,10 @@ def main() -> None:
         big = max([b for b in batches if b <= 128] or batches[:1])
         batch = rng.integers(0, 256, (big, 256, 256, 3), dtype=np.uint8)
         forms = {"PyTorch's instance norm (before)": native_norm}
-        if device.type == "cuda":  # a candidate where the CUDA group norm is not NHWC (torch before 2.13 or so)
+        if device.type == "cuda":  # candidates: CUDA's group norm and reflection pad may copy NHWC to NCHW
             forms["an NHWC norm in elementwise ops (a candidate)"] = elementwise_norm
+            forms["NHWC reflection pads (a candidate)"] = nhwc_pads
+            forms["both (a candidate)"] = lambda g: nhwc_pads(elementwise_norm(g))
         results["norm_forms_batch"] = {"batch": big, "forms": {}}
         for name, form in forms.items():
             generator, info = load_generator(args.weights)
@@ -385,6 +387,34 @@ def elementwise_norm(generator: torch.nn.Module) -> torch.nn.Module:
 
     for m in generator.modules():
         if isinstance(m, InstanceNorm2d):
+            m.forward = types.MethodType(forward, m)
+    return generator
+
+
+def nhwc_pads(generator: torch.nn.Module) -> torch.nn.Module:
+    """``generator`` with each reflection pad on a channels-last input written as a constant pad (which keeps the
+    input's memory format) whose borders are then copied from the reflected rows and columns. PyTorch's CUDA
+    reflection pad makes its input contiguous (NCHW) and returns NCHW, so the next channels-last convolution
+    copies it back: two full copies a pad. Inference only (writes into its output); timed on CUDA only (on CPU
+    PyTorch's pad keeps NHWC itself)."""
+    def forward(self, x):
+        if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            return torch.nn.ReflectionPad2d.forward(self, x)
+        left, right, top, bottom = self.padding
+        h, w = x.shape[2], x.shape[3]
+        out = torch.nn.functional.pad(x, (left, right, top, bottom))
+        for i in range(1, top + 1):
+            out[:, :, top - i, left:left + w] = x[:, :, i]
+        for i in range(1, bottom + 1):
+            out[:, :, top + h - 1 + i, left:left + w] = x[:, :, h - 1 - i]
+        for j in range(1, left + 1):
+            out[:, :, :, left - j] = out[:, :, :, left + j]
+        for j in range(1, right + 1):
+            out[:, :, :, left + w - 1 + j] = out[:, :, :, left + w - 1 - j]
+        return out
+
+    for m in generator.modules():
+        if isinstance(m, torch.nn.ReflectionPad2d):
             m.forward = types.MethodType(forward, m)
     return generator
 

@@ -179,6 +179,28 @@ def test_where_time_goes_counts_the_top_level_operators_and_ranks_them():
     assert describe(prof).count("\n") == 3 and "operator time" in describe(prof)
 
 
+@pytest.mark.parametrize("form", ["native_norm", "elementwise_norm", "nhwc_pads", "both"])
+def test_the_norm_and_pad_forms_the_gpu_call_times_paint_the_same(form):
+    """bench_model times these forms on CUDA beside the shipped path (the layers that stay NHWC against PyTorch's
+    own): each must compute the same painting, channels-last in bf16 as the torch backend runs it."""
+    import copy
+
+    from benchmarks import bench_model
+    from model.networks import for_inference
+
+    forms = {"native_norm": bench_model.native_norm, "elementwise_norm": bench_model.elementwise_norm,
+             "nhwc_pads": bench_model.nhwc_pads,
+             "both": lambda g: bench_model.nhwc_pads(bench_model.elementwise_norm(g))}
+    g = small_generator(ngf=8, n_blocks=2)
+    x = (torch.rand(2, 3, 48, 40) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ours = for_inference(copy.deepcopy(g)).to(memory_format=torch.channels_last)
+        other = for_inference(forms[form](copy.deepcopy(g))).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(other(x), ours(x), atol=2e-5, rtol=0)
+        y16 = other.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+        assert (y16 - ours(x)).abs().mean() < 0.01
+
+
 def test_the_gpu_scripts_smoke_mode_runs_every_measurement_on_cpu(tmp_path):
     """tools/gpu_run.sh is the one prepared call on a lent GPU (issue 35): its smoke mode runs every part here,
     with tiny networks on tiny images, so the call does not fail on the card for a reason a CPU could show. Then
