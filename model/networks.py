@@ -39,14 +39,14 @@ class _Described:
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):
-    """``nn.InstanceNorm2d`` (no running statistics) that keeps a channels-last input channels-last, in training and in eval.
+    """``nn.InstanceNorm2d`` (no running statistics) that keeps a channels-last input channels-last.
 
     PyTorch's instance norm reshapes its input to one batch-norm "batch" of N*C channels, which for an NHWC
     tensor means two full copies per layer, forward and backward (and the next convolution copies the NCHW
     result back to NHWC). On such an input this computes the same statistics with ``group_norm`` (one group per
     channel), whose CPU kernel works on NHWC in place: in training (training/parts.py runs channels-last) and in
     eval, where the torch backend runs its channels-last bf16 generator (benchmarks/bench_model.py: the shipped
-    generator 1.5x faster end to end on a 2-core AMD EPYC, and closer to the fp32 result, since the kernel
+    generator 1.3-1.5x faster end to end on a 2-core AMD EPYC, and closer to the fp32 result, since the kernel
     accumulates in fp32). A traced graph (OpenVINO's and ONNX's exports) keeps PyTorch's own layer, so those
     exports are unchanged. Parameters and state-dict keys are nn.InstanceNorm2d's.
 
