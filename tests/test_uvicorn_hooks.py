@@ -27,3 +27,20 @@ def test_the_attributes_the_subclass_reads_are_still_set_by_uvicorn():
         assert f"self.{attribute}" in cycle, f"RequestResponseCycle no longer has {attribute}"
     # LingeringClose stands in for the cycle's transport: the cycle must close the connection through it
     assert "self.transport.close()" in cycle and "self.transport.write(" in cycle
+
+
+def test_uvicorn_makes_its_protocols_as_the_drain_makes_those_it_takes_from_the_backlog():
+    """app/__main__.py's ``new_protocol`` builds, for each connection the drain takes from the listener's
+    backlog, the protocol uvicorn's ``startup`` would have given it: the same class and the same arguments."""
+    import uvicorn
+
+    from app.__main__ import DrainingServer
+
+    startup = inspect.getsource(uvicorn.Server.startup)
+    for argument in ("config.http_protocol_class(", "config=config", "server_state=self.server_state",
+                     "app_state=self.lifespan.state"):
+        assert argument in startup, f"uvicorn's startup no longer makes its protocols with {argument}"
+    ours = inspect.getsource(DrainingServer.new_protocol)
+    for argument in ("self.config.http_protocol_class(", "config=self.config", "server_state=self.server_state",
+                     "app_state=self.lifespan.state"):
+        assert argument in ours
