@@ -8,8 +8,13 @@ each for as long as their clients like.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
+import socket
+import struct
+import sys
 import time
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -239,6 +244,34 @@ def guarded_protocol(max_connections: int | None, header_timeout_s: float | None
     if on_refusal is not None:
         attrs["on_refusal"] = staticmethod(on_refusal)
     return type("GuardedProtocol", (GuardedProtocol,), attrs)
+
+
+# Classic BPF on a TCP socket sees the packet from its TCP header: byte 13 holds the flags. A segment with SYN
+# and without ACK (a client's first) is dropped; every other passes, so handshakes already under way complete.
+_DROP_NEW_HANDSHAKES = [(0x30, 0, 0, 13),           # ldb [13]
+                        (0x54, 0, 0, 0x12),         # and #(SYN|ACK)
+                        (0x15, 0, 1, 0x02),         # jeq #SYN: next, else skip one
+                        (0x06, 0, 0, 0),            # ret #0: drop
+                        (0x06, 0, 0, 0xFFFFFFFF)]   # ret #-1: keep all of it
+SO_ATTACH_FILTER = 26
+
+
+def refuse_new_handshakes(listening) -> bool:
+    """Make the kernel drop new connection attempts (SYNs) to a listening TCP socket, while handshakes already
+    under way complete into its backlog: then the backlog can be emptied and the socket closed with no
+    connection caught between (a client that connected just before the close, and sent its request, would be
+    reset; one whose SYN is dropped retries it after about 1 s and finds the port closed: refused, nothing
+    sent). Linux only (a socket filter); False where it cannot be attached."""
+    if not sys.platform.startswith("linux"):
+        return False
+    program = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in _DROP_NEW_HANDSHAKES))
+    fprog = struct.pack("HL", len(_DROP_NEW_HANDSHAKES), ctypes.addressof(program))  # struct sock_fprog
+    try:
+        with socket.socket(fileno=os.dup(listening.fileno())) as dup:  # the same socket (uvloop's are wrappers)
+            dup.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError:
+        return False
+    return True
 
 
 def start_draining(connections) -> None:

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from app.connections import refuse_new_handshakes
 from model.weights import save_generator
 from tests.conftest import Server, encode, photo, small_generator
 
@@ -76,6 +78,29 @@ def read_answers(sock: socket.socket, n: int) -> list[int]:
         if close:
             break
     return statuses
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux socket filter")
+def test_refusing_new_handshakes_keeps_the_connections_already_made():
+    """The drain's last step before closing the listener: new connection attempts are dropped by the kernel
+    (the client's connect goes unanswered, then is refused once the port closes), while a connection whose
+    handshake completed stays in the backlog, with what it sent, to be accepted."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as early:
+            early.sendall(b"sent before")
+            assert refuse_new_handshakes(listener)
+            with pytest.raises(TimeoutError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.5)
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.recv(64) == b"sent before"
+                conn.sendall(b"answered")
+                assert early.recv(64) == b"answered"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
 def test_sigterm_under_steady_reconnects_resets_no_connection(weights):
