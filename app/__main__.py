@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import sys
 import threading
@@ -15,7 +14,7 @@ import time
 import uvicorn
 from pydantic import ValidationError
 
-from app.connections import guarded_protocol, refuse_new_handshakes, start_draining
+from app.connections import duplicate, guarded_protocol, refuse_new_handshakes, start_draining
 
 QUIET_S = 0.1
 
@@ -110,16 +109,15 @@ class DrainingServer(uvicorn.Server):
         # accepting in its poll phase, but it gives each connection its protocol as it accepts it, and nothing
         # below yields between emptying the backlog and shutting the listener.)
         loop = asyncio.get_running_loop()
-        for server in self.servers:
-            for listening in server.sockets:
-                loop.remove_reader(listening.fileno())
+        for listening in listeners:
+            loop.remove_reader(listening.fileno())
         for _ in range(3):
             await asyncio.sleep(0)
-        adopted = self.adopt_backlog()
+        adopted = self.adopt_backlog(listeners)
+        for listening in listeners:  # stops listening even where a forked child holds a copy of the fd
+            with duplicate(listening) as dup, contextlib.suppress(OSError):
+                dup.shutdown(socket.SHUT_RDWR)
         for server in self.servers:
-            for listening in server.sockets:  # stops listening even where a forked child holds a copy of the fd
-                with socket.socket(fileno=os.dup(listening.fileno())) as dup, contextlib.suppress(OSError):
-                    dup.shutdown(socket.SHUT_RDWR)
             server.close()
         if adopted:
             await asyncio.gather(*adopted, return_exceptions=True)  # their connection_made has run
@@ -134,15 +132,14 @@ class DrainingServer(uvicorn.Server):
         return self.config.http_protocol_class(config=self.config, server_state=self.server_state,
                                                app_state=self.lifespan.state)
 
-    def adopt_backlog(self) -> list:
+    def adopt_backlog(self, listeners: list) -> list:
         """Accept every connection waiting in the listeners' backlogs (a duplicate of each listening socket,
         non-blocking) and hand it to the server's protocol; the tasks that do so."""
         loop, tasks = asyncio.get_running_loop(), []
-        for server in self.servers:
-            for listening in server.sockets:
-                dup = socket.socket(fileno=os.dup(listening.fileno()))
+        for listening in listeners:
+            with duplicate(listening) as dup:
                 dup.setblocking(False)
-                try:
+                with contextlib.suppress(OSError):
                     while True:
                         try:
                             conn, _ = dup.accept()
@@ -150,10 +147,6 @@ class DrainingServer(uvicorn.Server):
                             break
                         conn.setblocking(False)
                         tasks.append(loop.create_task(loop.connect_accepted_socket(self.new_protocol, conn)))
-                except OSError:
-                    pass
-                finally:
-                    dup.close()
         return tasks
 
 

@@ -256,6 +256,12 @@ _DROP_NEW_HANDSHAKES = [(0x30, 0, 0, 13),           # ldb [13]
 SO_ATTACH_FILTER = 26
 
 
+def duplicate(listening) -> socket.socket:
+    """A full socket object on a new descriptor for the same kernel socket as ``listening``: the event loops
+    hand out wrappers without the whole socket API (asyncio's TransportSocket, uvloop's PseudoSocket)."""
+    return socket.socket(fileno=os.dup(listening.fileno()))
+
+
 def refuse_new_handshakes(listening) -> bool:
     """Make the kernel drop new connection attempts (SYNs) to a listening TCP socket, while handshakes already
     under way complete into its backlog: then the backlog can be emptied and the socket closed with no
@@ -267,7 +273,7 @@ def refuse_new_handshakes(listening) -> bool:
     program = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in _DROP_NEW_HANDSHAKES))
     fprog = struct.pack("HL", len(_DROP_NEW_HANDSHAKES), ctypes.addressof(program))  # struct sock_fprog
     try:
-        with socket.socket(fileno=os.dup(listening.fileno())) as dup:  # the same socket (uvloop's are wrappers)
+        with duplicate(listening) as dup:
             dup.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
     except OSError:
         return False

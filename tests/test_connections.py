@@ -80,6 +80,23 @@ def read_answers(sock: socket.socket, n: int) -> list[int]:
     return statuses
 
 
+def sigterm_under_load(srv, threads: list, after_s: float, at_signal=lambda: None) -> None:
+    """Start the client ``threads``, after ``after_s`` call ``at_signal`` and send SIGTERM, wait for the
+    clients, and assert the server exits 0 (stopped in any case)."""
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(after_s)
+        at_signal()
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(90)
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux socket filter")
 def test_refusing_new_handshakes_keeps_the_connections_already_made():
     """The drain's last step before closing the listener: new connection attempts are dropped by the kernel
@@ -129,21 +146,11 @@ def test_sigterm_under_steady_reconnects_resets_no_connection(weights):
                     continue
             (answered if statuses else lost).append(statuses[0] if statuses else "no answer")
 
-    threads = [threading.Thread(target=client) for _ in range(16)]
-    try:
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
-        before = len(answered)
-        srv.proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(90)
-        assert srv.proc.wait(timeout=30) == 0
-    finally:
-        if srv.proc.poll() is None:
-            srv.stop()
+    before = []
+    sigterm_under_load(srv, [threading.Thread(target=client) for _ in range(16)], 0.5,
+                       at_signal=lambda: before.append(len(answered)))
     assert not lost, f"{len(lost)} connections lost: {lost[:5]}; the server said: {srv.output()}"
-    assert len(answered) > before and set(answered) == {200}  # served through the drain, every one answered
+    assert len(answered) > before[0] and set(answered) == {200}  # served through the drain, every one answered
 
 
 @pytest.mark.parametrize("attempt", range(20))
@@ -210,18 +217,7 @@ def test_sigterm_under_keep_alive_load_loses_no_request(weights, attempt):
 
     threads = [threading.Thread(target=client) for _ in range(16)] + \
         [threading.Thread(target=pipeliner) for _ in range(2)] + [threading.Thread(target=mid_body) for _ in range(2)]
-    try:
-        for t in threads:
-            t.start()
-        time.sleep(1.0 + 0.1 * (attempt % 5))
-        signalled.set()
-        srv.proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(90)
-        assert srv.proc.wait(timeout=30) == 0
-    finally:
-        if srv.proc.poll() is None:
-            srv.stop()
+    sigterm_under_load(srv, threads, 1.0 + 0.1 * (attempt % 5), at_signal=signalled.set)
     lost = [o for o in outcomes if o[0] == "lost"]
     assert not lost, f"{len(lost)} requests lost: {lost}; the server said: {srv.output()}"
     assert {o[0] for o in outcomes} <= {200, 503}
