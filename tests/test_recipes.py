@@ -1,6 +1,7 @@
 """The recipe tools of training.fit (DiffAugment, EMA, CUT/FastCUT), validation during training and the
 colour-transfer baseline of training.evaluate, on tiny images."""
 import json
+import math
 import sys
 
 import numpy as np
@@ -10,10 +11,10 @@ from safetensors.torch import load_file
 
 from model.translator import Translator
 from tests.conftest import ROOT, photo, run_module, unpaired_folders
-from training.augment import DiffAugment
+from training.augment import POLICIES, DiffAugment, parse_policy
 from training.baselines import colour_transfer, lab_statistics, rgb_to_lab
 from training.config import preset_config
-from training.cut import CUT, patch_nce_loss
+from training.cut import CUT, layers_nce_loss, patch_nce_loss
 from training.cyclegan import CycleGAN
 from training.ema import EMA
 
@@ -47,6 +48,72 @@ def test_diffaugment_changes_images_and_passes_gradients(policy):
     assert y.shape == x.shape and not torch.equal(y, x)
     (y * torch.randn_like(y)).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable: G learns through it
+
+
+def reference_diffaugment(policy: str, x: torch.Tensor) -> torch.Tensor:
+    """The port of data-efficient-gans' DiffAugment, one part after the other (training/augment.py's
+    per-part functions)."""
+    for part in parse_policy(policy):
+        for fn in POLICIES[part]:
+            x = fn(x)
+    return x
+
+
+@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "color,translation,cutout",
+                                    "cutout,translation", "translation,color"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_diffaugment_in_few_kernels_paints_and_differentiates_as_the_reference(policy, channels_last):
+    """The fused form (colour as one affine map, translation and cutout as one gather) computes the reference's
+    images and input gradients from the same draws, on an odd, non-square size too; keeps the memory format."""
+    for shape in ((4, 3, 32, 32), (3, 3, 17, 24)):
+        torch.manual_seed(5)
+        x = (torch.rand(shape, dtype=torch.float64) * 2 - 1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        weights = torch.randn(shape, dtype=torch.float64)
+        torch.manual_seed(11)
+        ours = DiffAugment(policy)(a)
+        torch.manual_seed(11)
+        ref = reference_diffaugment(policy, b)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        (ours * weights).sum().backward()
+        (ref * weights).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+        assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+VIEWS = ("aten::permute", "aten::reshape", "aten::view", "aten::expand", "aten::contiguous", "aten::as_strided")
+
+
+def test_diffaugment_in_few_kernels_makes_fewer_passes_over_the_images():
+    """What it is for (issue 35): forward and backward, no more operators than the reference, a third fewer of
+    them over whole images (views aside), and no index-put (on CUDA, advanced indexing's backward sorts)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def counts(fn) -> tuple[int, int, set]:
+        x = images(8).requires_grad_(True)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn(x).square().sum().backward()
+        ops = whole = 0
+        names = set()
+        for e in prof.events():
+            parent, top = e.cpu_parent, e.name.startswith("aten::")
+            while top and parent is not None:
+                top, parent = not parent.name.startswith("aten::"), parent.cpu_parent
+            if top:
+                ops += 1
+                names.add(e.name)
+                whole += e.name not in VIEWS and any(
+                    isinstance(shape, list) and len(shape) == 4 and math.prod(shape) >= x.numel()
+                    for shape in e.input_shapes)
+        return ops, whole, names
+
+    policy = "color,translation,cutout"
+    ours, ref = counts(DiffAugment(policy)), counts(lambda x: reference_diffaugment(policy, x).contiguous())
+    assert ours[0] <= ref[0], (ours[0], ref[0])
+    assert ours[1] * 3 <= ref[1] * 2, (ours[1], ref[1])
+    assert not any("index_put" in name for name in ours[2]) and any("index_put" in name for name in ref[2])
 
 
 def test_diffaugment_off_is_identity_and_bad_policy_is_refused():
@@ -117,6 +184,23 @@ def test_patch_nce_prefers_the_matching_patch():
     matched = patch_nce_loss(k, k, batch=2, temperature=0.07)
     shuffled = patch_nce_loss(k, k[torch.randperm(32)], batch=2, temperature=0.07)
     assert matched < shuffled
+
+
+@pytest.mark.parametrize("patches", [[16, 16, 16, 16, 16], [4, 16, 16, 9, 16]])
+def test_patch_nce_over_layers_at_once_is_the_mean_of_the_layers(patches):
+    """The layers with as many patches go through one product and one cross-entropy: the same loss and
+    gradients as the mean of one loss per layer (the paper's form)."""
+    torch.manual_seed(1)
+    batch = 3
+    q = [torch.nn.functional.normalize(torch.randn(batch * p, 8, dtype=torch.float64), dim=1).requires_grad_(True)
+         for p in patches]
+    k = [torch.nn.functional.normalize(torch.randn(batch * p, 8, dtype=torch.float64), dim=1) for p in patches]
+    ours = layers_nce_loss(q, k, batch, 0.07)
+    grads = torch.autograd.grad(ours, q)
+    ref = torch.stack([patch_nce_loss(qq, kk, batch, 0.07) for qq, kk in zip(q, k)]).mean()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, torch.autograd.grad(ref, q)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("model", ["cut", "fastcut"])

@@ -72,6 +72,18 @@ def patch_nce_loss(q: torch.Tensor, k: torch.Tensor, batch: int, temperature: fl
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=q.device))
 
 
+def layers_nce_loss(q: list[torch.Tensor], k: list[torch.Tensor], batch: int, temperature: float) -> torch.Tensor:
+    """The mean over layers of ``patch_nce_loss``, the layers with as many patches computed as one (issue 35:
+    one batched product and one cross-entropy for the five layers instead of five of each; the same patches
+    per image, so the mean over them all is the mean of the layers' means)."""
+    groups: dict[int, list[int]] = {}
+    for i, qq in enumerate(q):
+        groups.setdefault(qq.shape[0], []).append(i)
+    total = sum(patch_nce_loss(torch.cat([q[i] for i in ids]), torch.cat([k[i] for i in ids]), batch * len(ids),
+                               temperature) * len(ids) for ids in groups.values())
+    return total / len(q)
+
+
 class CUTGenerator(nn.Module):
     """G and the MLP heads H, run together so one forward call does all of the generator step's work."""
 
@@ -107,10 +119,9 @@ class CUTGenerator(nn.Module):
         feats_q = self.encode(out)
         k, ids = self.H(feats_k, self.num_patches)
         q, _ = self.H(feats_q, self.num_patches, ids)
-        losses = [patch_nce_loss(qq, kk, len(x), self.temperature) for qq, kk in zip(q, k)]
         # with identity, the batch holds photos then paintings; the mean over both is (NCE + NCE_Y) / 2
         return {"fake_monet": out[:n], "idt_monet": out[n:] if self.nce_idt else None,
-                "nce": torch.stack(losses).mean()}
+                "nce": layers_nce_loss(q, k, len(x), self.temperature)}
 
 
 def discriminator(cfg: TrainConfig) -> nn.Module:
