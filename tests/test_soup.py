@@ -67,7 +67,8 @@ def test_the_command_writes_a_soup_no_worse_than_its_best_ingredient_by_validati
     assert kept and all(name.startswith("run") and name.endswith(".safetensors") for name in kept)
     singles = {line.split(":")[0].strip(): float(line.split("KID ")[1].split(",")[0])
                for line in r.stdout.splitlines() if line.startswith("  run")}
-    assert len(singles) == 3 and info.training["val_kid"] <= min(singles.values()) + 1e-12
+    # the singles as printed, to 5 decimals: the soup's full figure is no worse to within that rounding
+    assert len(singles) == 3 and info.training["val_kid"] <= min(singles.values()) + 5e-6
     assert str(tmp_path) not in json.dumps(info.training)  # no absolute paths in the file
     load_generator(out)
     save_generator(tmp_path / "wide.safetensors", small_generator(4, ngf=16))
