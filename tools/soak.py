@@ -45,6 +45,7 @@ from tools.serving import start_app
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"MONET_UI": "false", "MONET_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024), "MONET_UPLOAD_TIMEOUT_S": "3",
             "MONET_HEADER_TIMEOUT_S": "2", "MONET_DEVICE": "cpu"}
+KEEPALIVE_EXPIRY_S = 3.0  # under the server's keep-alive timeout (uvicorn's default, 5 s)
 EXPECTED = {"damaged": {400}, "short_jpeg": {400}, "bomb": {413}, "oversize": {413}, "wrong_type": {415},
             "heic": {200, 503}, "slow": {408}, "slow_headers": {408}, "idle_socket": {408}, "text_png": {200, 503},
             "queued_then_gone": {None}}  # None: the client left, nobody reads an answer
@@ -224,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
 
         def client(seed: int) -> None:
             rng = random.Random(seed)
-            with httpx.Client(base_url=url, timeout=60) as http:
+            # a kept-alive connection is dropped by the client before the server's keep-alive timeout (uvicorn's
+            # 5 s) can close it: with httpx's default expiry, also 5 s, a POST sent on a connection idle for 5 s
+            # (a client busy for that long on its raw sockets) races the server's close and is lost without an
+            # answer (RemoteProtocolError; HTTP/1.1 lets the server close an idle connection at any time)
+            limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+            with httpx.Client(base_url=url, timeout=60, limits=limits) as http:
                 while time.time() < stop_at:
                     with lock:
                         kind = traffic.kind()
