@@ -214,16 +214,14 @@ def scan(folder: str) -> None:
 
 def augment_check(args, device) -> None:
     """DiffAugment as training does it against the reference port, forward and backward, alternating."""
-    from training.augment import POLICIES, DiffAugment, parse_policy
+    from training.augment import DiffAugment
+    from training.augment import reference as reference_port
 
     policy = "color,translation,cutout"
     ours = DiffAugment(policy)
 
     def reference(x):
-        for part in parse_policy(policy):
-            for fn in POLICIES[part]:
-                x = fn(x)
-        return x.contiguous()
+        return reference_port(policy, x).contiguous()
 
     b = int((args.batch_sizes or "8").split(",")[0])
     half = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from model.translator import Translator
 from tests.conftest import ROOT, photo, run_module, unpaired_folders
-from training.augment import POLICIES, DiffAugment, parse_policy
+from training.augment import DiffAugment, reference
 from training.baselines import colour_transfer, lab_statistics, rgb_to_lab
 from training.config import preset_config
 from training.cut import CUT, layers_nce_loss, patch_nce_loss
@@ -50,15 +50,6 @@ def test_diffaugment_changes_images_and_passes_gradients(policy):
     assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable: G learns through it
 
 
-def reference_diffaugment(policy: str, x: torch.Tensor) -> torch.Tensor:
-    """The port of data-efficient-gans' DiffAugment, one part after the other (training/augment.py's
-    per-part functions)."""
-    for part in parse_policy(policy):
-        for fn in POLICIES[part]:
-            x = fn(x)
-    return x
-
-
 @pytest.mark.parametrize("policy", ["color", "translation", "cutout", "color,translation,cutout",
                                     "cutout,translation", "translation,color"])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -75,7 +66,7 @@ def test_diffaugment_in_few_kernels_paints_and_differentiates_as_the_reference(p
         torch.manual_seed(11)
         ours = DiffAugment(policy)(a)
         torch.manual_seed(11)
-        ref = reference_diffaugment(policy, b)
+        ref = reference(policy, b)
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
         (ours * weights).sum().backward()
         (ref * weights).sum().backward()
@@ -110,7 +101,7 @@ def test_diffaugment_in_few_kernels_makes_fewer_passes_over_the_images():
         return ops, whole, names
 
     policy = "color,translation,cutout"
-    ours, ref = counts(DiffAugment(policy)), counts(lambda x: reference_diffaugment(policy, x).contiguous())
+    ours, ref = counts(DiffAugment(policy)), counts(lambda x: reference(policy, x).contiguous())
     assert ours[0] <= ref[0], (ours[0], ref[0])
     assert ours[1] * 3 <= ref[1] * 2, (ours[1], ref[1])
     assert not any("index_put" in name for name in ours[2]) and any("index_put" in name for name in ref[2])
