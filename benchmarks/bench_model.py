@@ -12,7 +12,12 @@
    CUDA graphs beside it, and the largest difference between the two.
 3. JPEG files in, JPEG files out: Pillow decode/encode around the translator against model/codecs.py's device
    codecs (nvJPEG on CUDA, batched, the pixels never on the host).
-4. With --runtimes, forward passes alone on every runtime this machine has, to choose the backend:
+4. With --candidates (and nothing else of the above), issue 35's inference candidates at one large batch
+   (the largest of --batches, 128 by default), each line printed as it is measured: the shipped Translator
+   against PyTorch's own instance norm (before), NHWC norms and pads, tensor-core channel counts at the first
+   and last convolutions, two translators on two CUDA streams, and torch.compile (default, then max-autotune)
+   inside the CUDA graphs; images/s, the ratio, the difference in levels and the set-up time (compilation).
+5. With --runtimes, forward passes alone on every runtime this machine has, to choose the backend:
    torch eager fp32 / bf16 channels-last, torch.compile with freezing (CPU) or max-autotune (CUDA),
    ONNX Runtime, OpenVINO bf16 (our graph and the original) / f32, OpenVINO with one stream per core.
 On CUDA it also reports peak GPU memory and the share of wall time the host spends outside the GPU, and for
@@ -173,9 +178,14 @@ def main() -> None:
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--batches", default=None, help="batch sizes for part 2 (default 1,4,8; 1,16,32,64 on CUDA)")
     p.add_argument("--runtimes", action="store_true", help="also time forward passes on every runtime here")
+    p.add_argument("--candidates", action="store_true",
+                   help="only time issue 35's inference candidates at the largest batch (see above)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     device = resolve_device(args.device)
+    if args.candidates:
+        candidates(args.weights, device, int((args.batches or "128").split(",")[-1]), args.seconds)
+        return
     default_threads = torch.get_num_threads()
     torch.manual_seed(0)
     images = photos(8)
@@ -247,25 +257,6 @@ def main() -> None:
             wall = (time.perf_counter() - wall) * 1000
             results.setdefault("host_share", {})[b] = max(0.0, 1 - start.elapsed_time(end) / wall) if wall else 0.0
 
-    if best_backend == "torch":  # the torch translator at a large batch with other instance norms beside it
-        big = max([b for b in batches if b <= 128] or batches[:1])
-        batch = rng.integers(0, 256, (big, 256, 256, 3), dtype=np.uint8)
-        forms = {"PyTorch's instance norm (before)": native_norm}
-        if device.type == "cuda":  # candidates: CUDA's group norm and reflection pad may copy NHWC to NCHW
-            forms["an NHWC norm in elementwise ops (a candidate)"] = elementwise_norm
-            forms["NHWC reflection pads (a candidate)"] = nhwc_pads
-            forms["both (a candidate)"] = lambda g: nhwc_pads(elementwise_norm(g))
-        results["norm_forms_batch"] = {"batch": big, "forms": {}}
-        for name, form in forms.items():
-            generator, info = load_generator(args.weights)
-            other = Translator(form(generator), info, device=str(device), backend="torch", max_batch=big)
-            ips = timed(lambda: other.translate_arrays(batch), big, args.seconds, device)
-            diff = np.abs(t.translate_arrays(batch).astype(int) - other.translate_arrays(batch))
-            results["norm_forms_batch"]["forms"][name] = {
-                "images_per_s": ips, "mean_levels": float(diff.mean()), "max_levels": int(diff.max()),
-                "ours_vs_it": results["translator_batches"][big]["images_per_s"] / ips}
-            del other
-
     # where one call's time goes, at the largest batch up to 64: the GPU's busy share and its largest kernels
     # (on CPU, the operators), so that the next lever is chosen from figures
     probe = max([b for b in batches if b <= 64] or batches[:1])
@@ -332,11 +323,6 @@ def main() -> None:
         print("same translator without CUDA graphs:", ", ".join(f"batch {b}: {v:.2f} images/s ("
               f"graphs {results['translator_batches'][b]['images_per_s'] / v:.2f}x)" for b, v in results["eager_batches"].items()),
               f"; largest difference {results['graphs_vs_eager_max_levels']} levels")
-    if "norm_forms_batch" in results:
-        nb = results["norm_forms_batch"]
-        for name, r in nb["forms"].items():
-            print(f"batch {nb['batch']} with {name}: {r['images_per_s']:.2f} images/s (ours {r['ours_vs_it']:.2f}x); "
-                  f"ours against it: {r['mean_levels']:.3f} levels mean, {r['max_levels']} at most")
     jf = results["jpeg_files"]
     print(f"JPEG files in and out, {jf['files_per_call']} per call: Pillow codecs {jf['pillow_images_per_s']:.2f} images/s, "
           f"device codecs (model/codecs.py) {jf['device_codec_images_per_s']:.2f} images/s "
@@ -354,6 +340,169 @@ def main() -> None:
         print("| runtime, forward only, batch 1 | images/s | vs best torch path |\n| --- | --- | --- |")
         for name, v in rt.items():
             print(f"| {name} | {v:.2f} | {v / best_torch:.2f}x |")
+
+
+def candidates(weights: Path, device: torch.device, batch: int, seconds: float) -> None:
+    """Issue 35's inference candidates against the shipped Translator at ``batch`` 256x256 images a call, one
+    table row printed (and flushed) as each is measured, so that a call cut short keeps what it measured: the
+    cheap forms first, the shipped path timed again after them (the card's drift), torch.compile last. A
+    candidate that fails prints its error and the next one runs."""
+    import contextlib
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8)
+    cuda = device.type == "cuda"
+
+    def translator(form=None, max_batch: int = batch, **kwargs) -> Translator:
+        generator, info = load_generator(weights)
+        return Translator(form(generator) if form else generator, info, device=str(device), backend="torch",
+                          max_batch=max_batch, **kwargs)
+
+    def warm(t: Translator, images: np.ndarray):  # the compilation, cuDNN's choice, the graph's capture
+        for _ in range(3):
+            y = t.translate_arrays(images)
+        return y
+
+    def two_streams():
+        half = batch // 2
+        ts = [translator(max_batch=batch - half), translator(max_batch=half)]
+        parts = [x[:batch - half], x[batch - half:]]
+        for t, part in zip(ts, parts):  # captured one after the other: a capture must not overlap other work
+            warm(t, part)
+        streams = [torch.cuda.Stream(device) if cuda else None for _ in ts]
+        pool = ThreadPoolExecutor(2)
+
+        def one(t, stream, part):
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                return t.translate_arrays(part)
+
+        def run(images):
+            futures = [pool.submit(one, t, st, images[:batch - half] if i == 0 else images[batch - half:])
+                       for i, (t, st) in enumerate(zip(ts, streams))]
+            return np.concatenate([f.result() for f in futures])
+        return run
+
+    def form(f):
+        def build():
+            t = translator(f)
+            warm(t, x)
+            return t.translate_arrays
+        return build
+
+    def compiled(mode: str):
+        def build():
+            t = translator(compile_mode=mode, warmup=False)
+            warm(t, x)
+            return t.translate_arrays
+        return build
+
+    rows = [("PyTorch's instance norm (before)", form(native_norm))]
+    if cuda:  # PyTorch's CUDA group norm and reflection pad may copy NHWC to NCHW and back; on CPU they do not
+        rows += [("an NHWC norm in elementwise ops", form(elementwise_norm)), ("NHWC reflection pads", form(nhwc_pads)),
+                 ("both", form(lambda g: nhwc_pads(elementwise_norm(g))))]
+    rows += [("tensor-core channels: the first convolution's input 8, the last's output 16",
+              form(tensor_core_channels)),
+             (f"two translators of batch {batch // 2} on two CUDA streams, two threads", two_streams),
+             ("the shipped path again", None),
+             ("torch.compile, default mode, in the CUDA graphs", compiled("default"))]
+    if cuda:  # on CPU max-autotune times C++ kernels for minutes and the path is not the GPU's
+        rows.append(("torch.compile, max-autotune-no-cudagraphs, in the CUDA graphs",
+                     compiled("max-autotune-no-cudagraphs")))
+
+    ours = translator()
+    reference = warm(ours, x)
+    base = timed(lambda: ours.translate_arrays(x), batch, seconds, device)
+    print(f"inference candidates, {batch} images of 256x256 a call, {device} ({describe_device(device)}), "
+          f"{str(ours.dtype)[6:]}, torch {torch.__version__}: the shipped Translator {base:.1f} images/s "
+          f"(p50 {percentile_ms(50):.1f} ms a call)", flush=True)
+    print("| candidate | images/s | vs the shipped path | mean / max levels from it | set-up s |\n"
+          "| --- | --- | --- | --- | --- |", flush=True)
+    for name, build in rows:
+        run = None
+        try:
+            if build is None:
+                ips, diff, setup = timed(lambda: ours.translate_arrays(x), batch, seconds, device), np.zeros(1, int), 0.0
+            else:
+                t0 = time.perf_counter()
+                run = build()
+                y = run(x)
+                sync(device)
+                setup = time.perf_counter() - t0
+                ips = timed(lambda: run(x), batch, seconds, device)
+                diff = np.abs(y.astype(int) - reference)
+            print(f"| {name} | {ips:.1f} | {ips / base:.2f}x | {diff.mean():.3f} / {diff.max()} | {setup:.1f} |",
+                  flush=True)
+        except Exception as exc:  # one candidate's failure (a compiler's, an API's) costs only its row
+            print(f"| {name} | failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]} | | | |", flush=True)
+        del run
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def describe_device(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+class _PadChannels(torch.nn.Module):
+    """Zero channels appended up to ``channels`` (the memory format kept)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x):
+        return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1]))
+
+
+class _WideOutputPhaseConvTanh(torch.nn.Module):
+    """model.networks.PhaseConvTanh with zero output channels appended up to ``channels``, dropped before tanh."""
+
+    def __init__(self, phase, channels: int):
+        super().__init__()
+        self.stride, self.used = phase.stride, phase.weight.shape[0]
+        extra = channels - self.used
+        self.weight = torch.nn.Parameter(torch.cat([phase.weight, phase.weight.new_zeros(extra, *phase.weight.shape[1:])]),
+                                         requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.cat([phase.bias, phase.bias.new_zeros(extra)]), requires_grad=False)
+
+    def forward(self, x):
+        s = self.stride
+        x = torch.nn.functional.pad(x, (0, s - 1, 0, s - 1))
+        y = torch.nn.functional.conv2d(x, self.weight, self.bias, stride=s)[:, :self.used]
+        return torch.nn.functional.pixel_shuffle(torch.tanh(y), s)
+
+
+def tensor_core_channels(generator: torch.nn.Module, multiple: int = 8) -> torch.nn.Module:
+    """``for_inference(generator)`` with the channel counts that tensor cores (and cuDNN's NHWC kernels) want at
+    the two ends: the photo's 3 channels padded with zeros to 8 before the first convolution (whose weights get
+    zero input channels) and the last convolution's 12 phase outputs computed as 16. The same sums with extra
+    zero terms; a candidate for the GPU (issue 35), where the 3-channel ends may run on slow kernels."""
+    from model.networks import InferenceGenerator, PhaseConvTanh
+
+    g = for_inference(generator)
+    if not isinstance(g, InferenceGenerator):  # not the ResNet generator: nothing to widen
+        return g
+    layers = list(g.children())
+    first = next(i for i, m in enumerate(layers) if isinstance(m, torch.nn.Conv2d))
+    conv = layers[first]
+    wide = -(-conv.in_channels // multiple) * multiple
+    if wide != conv.in_channels:
+        new = torch.nn.Conv2d(wide, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              bias=conv.bias is not None)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[:, :conv.in_channels] = conv.weight
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        layers[first] = new
+        layers.insert(0, _PadChannels(wide))  # before the reflection pad: fewer pixels to widen
+    if isinstance(layers[-1], PhaseConvTanh):
+        out = layers[-1].weight.shape[0]
+        layers[-1] = _WideOutputPhaseConvTanh(layers[-1], -(-out // (2 * multiple)) * 2 * multiple)
+    return InferenceGenerator(g.spec, *layers).train(g.training)
 
 
 def native_norm(generator: torch.nn.Module) -> torch.nn.Module:

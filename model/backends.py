@@ -82,11 +82,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def make_backend(name: str, generator: nn.Module, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True):
+def make_backend(name: str, generator: nn.Module, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True,
+                 compile_mode: str | None = None):
     """The backend ``name`` ("torch" or "openvino", as ``resolve_backend`` gives) for ``generator``."""
     if name == "openvino":
         return OpenVINOBackend(generator, dtype)
-    return TorchBackend(generator, device, dtype, cuda_graphs=cuda_graphs)
+    return TorchBackend(generator, device, dtype, cuda_graphs=cuda_graphs, compile_mode=compile_mode)
 
 
 class UInt8Generator(nn.Module):
@@ -173,12 +174,22 @@ def stage_modules(generator: nn.Module, dtype: torch.dtype = torch.float32, chan
 
 class TorchBackend:
     """The generator in eager torch on ``device`` in ``dtype`` (channels-last); on CUDA replayed from CUDA
-    graphs (``CudaGraphs``) unless ``cuda_graphs`` is False. A CUDA out-of-memory error splits the batch."""
+    graphs (``CudaGraphs``) unless ``cuda_graphs`` is False. A CUDA out-of-memory error splits the batch.
 
-    def __init__(self, generator: nn.Module, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True):
+    ``compile_mode`` (None: off) runs the whole uint8-to-uint8 module through ``torch.compile`` with that mode
+    ("default", or "max-autotune-no-cudagraphs": the CUDA graphs stay this class's own), static shapes: each
+    new (batch bucket, height, width) compiles once, the first time it is seen; past dynamo's recompile limit
+    (8) a shape runs eagerly. A candidate of issue 35 for the GPU's throughput (bench_model --candidates), off
+    everywhere until a GPU shows it wins."""
+
+    def __init__(self, generator: nn.Module, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True,
+                 compile_mode: str | None = None):
         self.device, self.dtype = device, dtype
         fast = for_inference(generator.eval()).to(device, dtype, memory_format=torch.channels_last)
         self.module = UInt8Generator(fast, dtype, channels_last=True)
+        if compile_mode:
+            self.module = torch.compile(self.module, mode=None if compile_mode == "default" else compile_mode,
+                                        dynamic=False)
         self.graphs = None
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # sizes repeat; each new one is timed once

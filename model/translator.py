@@ -61,6 +61,7 @@ class Translator:
         max_batch_pixels: int = 2 * 1024 * 1024,
         backend: str = "auto",
         cuda_graphs: bool = True,
+        compile_mode: str | None = None,
         lock: "FifoLock | None" = None,
     ):
         self.device = resolve_device(device)
@@ -74,7 +75,8 @@ class Translator:
         if self.device.type == "cpu":
             use_cpu_threads()
         self.backend = resolve_backend(backend, self.device)  # its name: "torch" or "openvino"
-        self._run = make_backend(self.backend, generator, self.device, self.dtype, cuda_graphs=cuda_graphs)
+        self._run = make_backend(self.backend, generator, self.device, self.dtype, cuda_graphs=cuda_graphs,
+                                 compile_mode=compile_mode)
         # one forward at a time (concurrent ones only fight over the cores), taken in the order asked: between
         # two tiles of a large painting, a batch that waits goes first; translators given one ``lock`` (a
         # server's styles) take turns with each other the same way

@@ -179,10 +179,11 @@ def test_where_time_goes_counts_the_top_level_operators_and_ranks_them():
     assert describe(prof).count("\n") == 3 and "operator time" in describe(prof)
 
 
-@pytest.mark.parametrize("form", ["native_norm", "elementwise_norm", "nhwc_pads", "both"])
+@pytest.mark.parametrize("form", ["native_norm", "elementwise_norm", "nhwc_pads", "both", "tensor_core_channels"])
 def test_the_norm_and_pad_forms_the_gpu_call_times_paint_the_same(form):
     """bench_model times these forms on CUDA beside the shipped path (the layers that stay NHWC against PyTorch's
-    own): each must compute the same painting, channels-last in bf16 as the torch backend runs it."""
+    own; the first and last convolutions widened with zero channels): each must compute the same painting,
+    channels-last in bf16 as the torch backend runs it."""
     import copy
 
     from benchmarks import bench_model
@@ -190,13 +191,17 @@ def test_the_norm_and_pad_forms_the_gpu_call_times_paint_the_same(form):
 
     forms = {"native_norm": bench_model.native_norm, "elementwise_norm": bench_model.elementwise_norm,
              "nhwc_pads": bench_model.nhwc_pads,
-             "both": lambda g: bench_model.nhwc_pads(bench_model.elementwise_norm(g))}
+             "both": lambda g: bench_model.nhwc_pads(bench_model.elementwise_norm(g)),
+             "tensor_core_channels": bench_model.tensor_core_channels}
     g = small_generator(ngf=8, n_blocks=2)
     x = (torch.rand(2, 3, 48, 40) * 2 - 1).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         ours = for_inference(copy.deepcopy(g)).to(memory_format=torch.channels_last)
         other = for_inference(forms[form](copy.deepcopy(g))).to(memory_format=torch.channels_last)
         torch.testing.assert_close(other(x), ours(x), atol=2e-5, rtol=0)
+        if form == "tensor_core_channels":  # widened, not just the same layers
+            convs = [m for m in other.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs[0].in_channels == 8 and other[-1].weight.shape[0] == 16
         y16 = other.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
         assert (y16 - ours(x)).abs().mean() < 0.01
 
@@ -230,9 +235,19 @@ def test_the_gpu_scripts_smoke_mode_runs_every_measurement_on_cpu(tmp_path):
     assert files == {"gpu.txt", "bench_model.txt", "translate.txt", "equal_images.txt", "train_speed.txt"} | {
         f"{w}.safetensors" for w in ways}  # 8: what one call brings back
     report = (out / "gpu.txt").read_text()
-    assert report.count("done: ") == 9 and "failed" not in report and "stopped" not in report, report
+    assert report.count("done: ") == 10 and "failed" not in report and "stopped" not in report, report
     assert "onnxruntime" in report and "torch_tensorrt" in report, report  # the TensorRT lever: there or not
-    assert "images/s" in (out / "bench_model.txt").read_text()
+    inference = (out / "bench_model.txt").read_text()
+    assert "images/s" in inference and "Traceback" not in inference
+    # the inference candidates: each row measured (on CPU: no CUDA-only form, no max-autotune), none failed
+    assert inference.count("inference candidates, 2 images") == 1, inference
+    rows = [line for line in inference.split("inference candidates, ")[1].splitlines()
+            if line.startswith("| ") and "x |" in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names[:2] == ["PyTorch's instance norm (before)", "tensor-core channels: the first convolution's "
+                         "input 8, the last's output 16"] and "| failed:" not in inference, inference
+    assert names[-2:] == ["the shipped path again", "torch.compile, default mode, in the CUDA graphs"], names
+    assert all(float(row.split("|")[4].split("/")[1]) <= 2 for row in rows), rows  # at most 2 levels apart
     convert = (out / "translate.txt").read_text()
     assert convert.count("conversion") == 2 and "Traceback" not in convert, convert
     speed = (out / "train_speed.txt").read_text()

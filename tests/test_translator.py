@@ -211,3 +211,16 @@ def test_cpu_cores_respects_a_container_cpu_quota(tmp_path):
     quota.write_text("50000 100000\n")
     assert cpu_cores(str(quota)) == 1
     assert cpu_cores(str(tmp_path / "missing")) == machine
+
+
+def test_a_compiled_translator_paints_like_the_eager_one_at_every_size():
+    """compile_mode runs the torch backend's uint8-to-uint8 module through torch.compile (a candidate of issue
+    35 for the GPU, measured by bench_model --candidates): the same paintings, at a new size too (a recompile)."""
+    eager = Translator(small_generator(seed=11), device="cpu", precision="fp32", backend="torch", max_batch=4)
+    compiled = Translator(small_generator(seed=11), device="cpu", precision="fp32", backend="torch", max_batch=4,
+                          compile_mode="default")
+    assert type(compiled._run.module).__name__ == "OptimizedModule"
+    for size in ((64, 48), (40, 32)):
+        images = [photo(*size, seed=s) for s in range(3)]
+        for a, b in zip(eager.translate(images), compiled.translate(images)):
+            assert np.abs(as_array(a) - as_array(b)).max() <= 1

