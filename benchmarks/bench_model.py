@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 from benchmarks.profiling import describe, where_time_goes
 from model.backends import openvino_available
 from model.runtime import cpu_cores
-from model.networks import InstanceNorm2d, ResnetGenerator, for_inference, init_weights
+from model.networks import (InferenceGenerator, InstanceNorm2d, PhaseConvTanh, ResnetGenerator, for_inference,
+                            init_weights)
 from model.runtime import resolve_device
 from model.translator import Translator
 from model.weights import SHIPPED_WEIGHTS as DEFAULT_WEIGHTS
@@ -366,10 +367,13 @@ def candidates(weights: Path, device: torch.device, batch: int, seconds: float) 
         return y
 
     def two_streams():
-        half = batch // 2
-        ts = [translator(max_batch=batch - half), translator(max_batch=half)]
-        parts = [x[:batch - half], x[batch - half:]]
-        for t, part in zip(ts, parts):  # captured one after the other: a capture must not overlap other work
+        cut = batch - batch // 2
+
+        def halves(images):
+            return images[:cut], images[cut:]
+
+        ts = [translator(max_batch=len(part)) for part in halves(x)]
+        for t, part in zip(ts, halves(x)):  # captured one after the other: a capture must not overlap other work
             warm(t, part)
         streams = [torch.cuda.Stream(device) if cuda else None for _ in ts]
         pool = ThreadPoolExecutor(2)
@@ -379,24 +383,19 @@ def candidates(weights: Path, device: torch.device, batch: int, seconds: float) 
                 return t.translate_arrays(part)
 
         def run(images):
-            futures = [pool.submit(one, t, st, images[:batch - half] if i == 0 else images[batch - half:])
-                       for i, (t, st) in enumerate(zip(ts, streams))]
+            futures = [pool.submit(one, t, st, part) for t, st, part in zip(ts, streams, halves(images))]
             return np.concatenate([f.result() for f in futures])
         return run
 
-    def form(f):
+    def form(f=None, **kwargs):  # a Translator of the generator in form ``f``, warmed at the timed batch
         def build():
-            t = translator(f)
+            t = translator(f, **kwargs)
             warm(t, x)
             return t.translate_arrays
         return build
 
     def compiled(mode: str):
-        def build():
-            t = translator(compile_mode=mode, warmup=False)
-            warm(t, x)
-            return t.translate_arrays
-        return build
+        return form(compile_mode=mode, warmup=False)
 
     rows = [("PyTorch's instance norm (before)", form(native_norm))]
     if cuda:  # PyTorch's CUDA group norm and reflection pad may copy NHWC to NCHW and back; on CPU they do not
@@ -480,8 +479,6 @@ def tensor_core_channels(generator: torch.nn.Module, multiple: int = 8) -> torch
     the two ends: the photo's 3 channels padded with zeros to 8 before the first convolution (whose weights get
     zero input channels) and the last convolution's 12 phase outputs computed as 16. The same sums with extra
     zero terms; a candidate for the GPU (issue 35), where the 3-channel ends may run on slow kernels."""
-    from model.networks import InferenceGenerator, PhaseConvTanh
-
     g = for_inference(generator)
     if not isinstance(g, InferenceGenerator):  # not the ResNet generator: nothing to widen
         return g
