@@ -163,6 +163,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # a request has begun: the connection is not idle. uvicorn cancels the keep-alive timeout only when a read
+        # begins; a discarded body's end re-arms it (on_message_complete), and when the next request's head came
+        # in the same read, the timeout then closed the connection under that request 5 s later (the soak's lost
+        # valid request, a 499 on the server)
+        self._unset_keepalive_if_required()
         self._receiving = True
         self._arm_header_timer()  # a kept-alive connection's next request: its deadline starts now
 

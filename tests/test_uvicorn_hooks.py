@@ -20,8 +20,11 @@ def test_the_overridden_hooks_exist_with_the_same_parameters():
 
 def test_the_attributes_the_subclass_reads_are_still_set_by_uvicorn():
     protocol = inspect.getsource(HttpToolsProtocol)
-    for attribute in ("self.connections", "self.transport", "self.cycle"):
+    for attribute in ("self.connections", "self.transport", "self.cycle", "self.timeout_keep_alive_task",
+                      "self.timeout_keep_alive_handler"):
         assert attribute in protocol, f"HttpToolsProtocol no longer sets {attribute}"
+    # a request's first byte cancels the keep-alive timeout through uvicorn's own helper (on_message_begin)
+    assert "def _unset_keepalive_if_required(self)" in protocol
     cycle = inspect.getsource(RequestResponseCycle)
     for attribute in ("keep_alive", "response_started", "response_complete", "more_body", "transport"):
         assert f"self.{attribute}" in cycle, f"RequestResponseCycle no longer has {attribute}"
