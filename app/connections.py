@@ -156,8 +156,7 @@ class GuardedProtocol(HttpToolsProtocol):
             if self._close_after_body or not self.cycle.keep_alive:
                 self.transport.close()
             elif not self.transport.is_closing():
-                if self.timeout_keep_alive_task is not None:
-                    self.timeout_keep_alive_task.cancel()
+                self._unset_keepalive_if_required()
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                     self.timeout_keep_alive_handler)
 

@@ -403,7 +403,6 @@ def test_a_request_read_with_the_end_of_a_discarded_body_is_not_closed_by_the_ke
                          b"Content-Length: %d\r\n\r\n" % len(photo_body))  # one segment: one read
             time.sleep(6.0)  # longer than uvicorn's keep-alive timeout (5 s), far under the upload timeout
             sock.sendall(photo_body)
-            f = sock.makefile("rb")
             status_line = f.readline()
             assert status_line.split()[1:2] == [b"200"], f"answered {status_line!r} (b'': closed unanswered)"
         assert "Traceback" not in srv.output()
